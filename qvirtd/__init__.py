@@ -1,0 +1,3 @@
+"""qvirtd: a small, fast QEMU/KVM management daemon that never hangs."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,35 @@
+"""`qvirtd` / `python -m qvirtd`: parse flags, build the settings, run the daemon on uvloop."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+import uvloop
+
+from .config import ConfigError, resolve
+from .daemon import Daemon
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="qvirtd", description="QEMU/KVM management daemon")
+    parser.add_argument("--root", type=Path, help="run an isolated instance under DIR")
+    parser.add_argument("--config", type=Path, help="TOML settings file")
+    args = parser.parse_args(argv)
+    try:
+        layout, settings = resolve(args.root, args.config)
+    except ConfigError as exc:
+        print(f"qvirtd: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=getattr(logging, settings.log_level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    return int(uvloop.run(Daemon(settings, layout).run()))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,244 @@
+"""`qvirsh`: the command-line client. Readable tables by default, `--json` for scripts.
+
+Errors are one line `error: <message>` on stderr; exit status 1 when the daemon refused or
+failed an operation (or cannot be reached), 2 for bad usage (the contract).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from pathlib import Path
+from typing import Any, NoReturn
+
+from .client import Client, ConnectionLost, RpcError
+from .config import default_socket_path
+
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+
+
+class UsageError(Exception):
+    pass
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(message)
+
+
+def _table(rows: list[dict[str, Any]], columns: list[tuple[str, str]]) -> str:
+    cells = [[("-" if r.get(k) is None else str(r.get(k))) for k, _ in columns] for r in rows]
+    widths = [max([len(h)] + [len(c[i]) for c in cells]) for i, (_, h) in enumerate(columns)]
+    lines = [" " + "   ".join(h.ljust(w) for (_, h), w in zip(columns, widths, strict=True))]
+    lines.append("-" * (sum(widths) + 3 * (len(widths) - 1) + 2))
+    for c in cells:
+        lines.append(" " + "   ".join(v.ljust(w) for v, w in zip(c, widths, strict=True)))
+    return "\n".join(lines)
+
+
+def _kv(info: dict[str, Any]) -> str:
+    width = max(len(k) for k in info) + 1
+    out = []
+    for k, v in info.items():
+        if isinstance(v, dict):
+            v = ", ".join(f"{a}={b}" for a, b in v.items() if b is not None) or "-"
+        out.append(f"{(k + ':').ljust(width)} {'-' if v is None else v}")
+    return "\n".join(out)
+
+
+def format_event(ev: dict[str, Any]) -> str:
+    dom = ev.get("domain", {})
+    what = ev.get("event", "?")
+    if ev.get("type"):
+        what += f" {ev['type']}"
+        if ev.get("detail"):
+            what += f"/{ev['detail']}"
+    extra = f" {json.dumps(ev['data'])}" if ev.get("data") else ""
+    return f"{ev.get('time', '')} #{ev.get('seq')} domain '{dom.get('name')}': {what}{extra}"
+
+
+def build_parser() -> Parser:
+    p = Parser(prog="qvirsh", description="control qvirtd")
+    p.add_argument("--socket", help="daemon socket (default: $QVIRTD_SOCKET or the "
+                   "daemon's default)")
+    sub = p.add_subparsers(dest="verb", required=True, parser_class=Parser)
+
+    def cmd(name: str, help: str, json_flag: bool = True) -> argparse.ArgumentParser:
+        c = sub.add_parser(name, help=help)
+        if json_flag:
+            c.add_argument("--json", action="store_true", help="print one JSON document")
+        return c
+
+    c = cmd("define", "create or update a domain from a JSON file")
+    c.add_argument("file")
+    c = cmd("undefine", "remove a persistent definition")
+    c.add_argument("name")
+    c = cmd("list", "list domains")
+    c.add_argument("--all", action="store_true", help="include shut-off domains")
+    for name, help in [("dominfo", "domain information"), ("reboot", "reboot via ACPI"),
+                       ("reset", "hard reset"), ("suspend", "pause the vCPUs"),
+                       ("resume", "continue the vCPUs"), ("destroy", "stop QEMU now")]:
+        cmd(name, help).add_argument("name")
+    c = cmd("dumpjson", "print the live (or persistent) definition")
+    c.add_argument("name")
+    c.add_argument("--inactive", action="store_true", help="the persistent definition")
+    c = cmd("start", "start a domain")
+    c.add_argument("name")
+    c.add_argument("--paused", action="store_true", help="leave the vCPUs paused")
+    c = cmd("shutdown", "ask the guest to power off (ACPI)")
+    c.add_argument("name")
+    c.add_argument("--wait", nargs="?", const=True, default=False, type=float,
+                   metavar="SECONDS", help="wait until shut off (default time if no SECONDS)")
+    c = cmd("autostart", "start the domain whenever the daemon starts")
+    c.add_argument("name")
+    c.add_argument("--disable", action="store_true")
+    c = cmd("event", "stream domain events")
+    c.add_argument("--domain")
+    c.add_argument("--loop", action="store_true", help="keep going after the first event")
+    c.add_argument("--timeout", type=float, help="stop after this many seconds")
+    c.add_argument("--since", type=int, help="first replay buffered events after this seq")
+    c = cmd("qemu-monitor-command", "pass one raw QMP command")
+    c.add_argument("name")
+    c.add_argument("command", help='e.g. \'{"execute": "query-status"}\'')
+    c = cmd("console-log", "print the serial console log")
+    c.add_argument("name")
+    c.add_argument("--bytes", type=int, default=64 * 1024, help="at most this many (tail)")
+    cmd("daemon-stats", "daemon counters and lock statistics")
+    return p
+
+
+def _print(args: argparse.Namespace, result: Any, human: str) -> None:
+    if getattr(args, "json", False):
+        print(json.dumps(result, indent=2))
+    elif human:
+        print(human)
+
+
+async def run(args: argparse.Namespace) -> int:
+    socket_path = Path(args.socket) if args.socket else default_socket_path()
+    try:
+        client = await Client.connect(socket_path)
+    except OSError as exc:
+        raise ConnectionLost(f"cannot connect to qvirtd at {socket_path}: "
+                             f"{exc.strerror or exc}") from exc
+    async with client:
+        c = args.verb
+        if c == "define":
+            r = await client.call("define", {"definition": args.definition})
+            verb = "defined" if r["created"] else "updated"
+            _print(args, r, f"Domain '{r['name']}' {verb} ({r['uuid']})")
+        elif c == "undefine":
+            r = await client.call("undefine", {"name": args.name})
+            _print(args, r, f"Domain '{r['name']}' undefined"
+                   + (" (still running, now transient)" if r["transient"] else ""))
+        elif c == "list":
+            r = await client.call("list", {"all": args.all})
+            _print(args, r, _table(r, [("id", "Id"), ("name", "Name"), ("state", "State")]))
+        elif c == "dominfo":
+            r = await client.call("dominfo", {"name": args.name})
+            _print(args, r, _kv(r))
+        elif c == "dumpjson":
+            r = await client.call("dumpjson", {"name": args.name, "inactive": args.inactive})
+            print(json.dumps(r, indent=2))
+        elif c == "start":
+            r = await client.call("start", {"name": args.name, "paused": args.paused})
+            _print(args, r, f"Domain '{r['name']}' started (id {r['id']}, pid {r['pid']})")
+        elif c == "shutdown":
+            r = await client.call("shutdown", {"name": args.name, "wait": args.wait})
+            msg = (f"Domain '{r['name']}' is shut off" if args.wait is not False
+                   else f"Domain '{r['name']}' is being shut down")
+            _print(args, r, msg)
+        elif c in ("reboot", "reset", "suspend", "resume", "destroy"):
+            r = await client.call(c, {"name": args.name})
+            done = {"reboot": "is being rebooted", "reset": "was reset",
+                    "suspend": "suspended", "resume": "resumed", "destroy": "destroyed"}[c]
+            _print(args, r, f"Domain '{r['name']}' {done}")
+        elif c == "autostart":
+            r = await client.call("autostart", {"name": args.name, "disable": args.disable})
+            _print(args, r, f"Domain '{r['name']}' autostart "
+                   + ("enabled" if r["autostart"] else "disabled"))
+        elif c == "qemu-monitor-command":
+            try:
+                command = json.loads(args.command)
+            except json.JSONDecodeError as exc:
+                raise UsageError(f"command is not valid JSON: {exc}") from exc
+            if not isinstance(command, dict):
+                raise UsageError("command must be a JSON object")
+            r = await client.call("qemu-monitor-command", {"name": args.name,
+                                                           "command": command})
+            print(json.dumps(r, indent=2) if args.json else json.dumps(r))
+        elif c == "console-log":
+            r = await client.call("console-log", {"name": args.name, "max_bytes": args.bytes})
+            _print(args, r, r["text"].rstrip("\n"))
+        elif c == "daemon-stats":
+            r = await client.call("daemon-stats")
+            print(json.dumps(r, indent=2))
+        elif c == "event":
+            return await _events(client, args)
+    return 0
+
+
+async def _events(client: Client, args: argparse.Namespace) -> int:
+    params: dict[str, Any] = {}
+    if args.domain:
+        params["domain"] = args.domain
+    if args.since is not None:
+        params["since_seq"] = args.since
+    await client.call("event", params)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + args.timeout if args.timeout else None
+    while True:
+        remaining = None if deadline is None else deadline - loop.time()
+        if remaining is not None and remaining <= 0:
+            return 0
+        try:
+            msg = await client.next_event(remaining)
+        except TimeoutError:
+            return 0
+        if msg is None:
+            raise ConnectionLost("the daemon closed the connection")
+        if msg.get("method") == "event-overflow":
+            raise RpcError(0, "event stream overflowed: this client fell behind and was "
+                           "dropped; re-read state")
+        if msg.get("method") != "event":
+            continue
+        ev = msg["params"]
+        print(json.dumps(ev) if args.json else format_event(ev), flush=True)
+        if not args.loop:
+            return 0
+
+
+def _read_definition(path: str) -> Any:
+    try:
+        return json.loads(Path(path).read_text())
+    except OSError as exc:
+        raise UsageError(f"cannot read {path}: {exc.strerror}") from exc
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"{path} is not valid JSON: {exc}") from exc
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        if args.verb == "define":
+            args.definition = _read_definition(args.file)
+        return asyncio.run(run(args))
+    except UsageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except (RpcError, ConnectionLost) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        # stdout closed early (e.g. piped into head): not an error of ours.
+        sys.stderr.close()
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,161 @@
+"""Daemon settings (TOML, validated by pydantic) and where files live (the path layout).
+
+The layout follows the contract: system paths as root, XDG paths for other users, and a single
+self-contained tree under `--root DIR`. Every setting has its default here and is documented,
+with that default, in `config/qvirtd.toml`; a test keeps the two in step.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+
+class ConfigError(Exception):
+    """A settings file that cannot be used; the message names the file and the key."""
+
+
+class Settings(BaseModel):
+    """Every tunable of the daemon. Unknown keys are refused so a typo never goes unnoticed."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    job_wait_timeout_s: Annotated[float, Field(gt=0, le=3600)] = 30.0
+    monitor_timeout_s: Annotated[float, Field(gt=0, le=3600)] = 10.0
+    monitor_connect_timeout_s: Annotated[float, Field(gt=0, le=3600)] = 10.0
+    destroy_grace_s: Annotated[float, Field(ge=0, le=600)] = 3.0
+    process_exit_timeout_s: Annotated[float, Field(gt=0, le=600)] = 5.0
+    shutdown_wait_default_s: Annotated[float, Field(gt=0, le=86400)] = 60.0
+    qemu_binary: str = "qemu-system-x86_64"
+    socket_path: str = ""
+    socket_mode: int = 0o600
+    max_message_bytes: Annotated[int, Field(ge=1024, le=64 * 1024 * 1024)] = 1024 * 1024
+    max_requests_in_flight: Annotated[int, Field(ge=1, le=10000)] = 32
+    event_flush_delay_s: Annotated[float, Field(ge=0, le=10)] = 0.0
+    event_queue_per_subscriber: Annotated[int, Field(ge=1, le=1_000_000)] = 1000
+    event_replay_buffer: Annotated[int, Field(ge=0, le=1_000_000)] = 10000
+    lock_check: bool = False
+    log_level: str = "info"
+
+    @field_validator("socket_mode", mode="before")
+    @classmethod
+    def _octal_mode(cls, value: object) -> object:
+        """Accept "0600" (a string, read as octal) as well as an integer."""
+        if isinstance(value, str):
+            try:
+                return int(value, 8)
+            except ValueError as exc:
+                raise ValueError(f"not an octal mode: {value!r}") from exc
+        return value
+
+    @field_validator("socket_mode")
+    @classmethod
+    def _mode_range(cls, value: int) -> int:
+        if not 0 <= value <= 0o777:
+            raise ValueError("must be between 0000 and 0777")
+        return value
+
+    @field_validator("log_level")
+    @classmethod
+    def _level(cls, value: str) -> str:
+        if value.lower() not in {"debug", "info", "warning", "error"}:
+            raise ValueError("must be one of debug, info, warning, error")
+        return value.lower()
+
+
+def load_settings(path: Path | None) -> Settings:
+    """Read `path` (absent: built-in defaults). Errors name the file and every bad key."""
+    if path is None:
+        return Settings()
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+    try:
+        return Settings.model_validate(raw)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or '(top)'}: "
+            + ("unknown key" if err["type"] == "extra_forbidden" else err["msg"])
+            for err in exc.errors()
+        )
+        raise ConfigError(f"{path}: {problems}") from exc
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where the daemon keeps things. Built once at start; read-only afterwards (no lock)."""
+
+    config_file: Path
+    state_dir: Path
+    run_dir: Path
+    socket_path: Path
+
+    @property
+    def definitions_dir(self) -> Path:
+        return self.state_dir / "domains"
+
+    @property
+    def autostart_dir(self) -> Path:
+        return self.state_dir / "autostart"
+
+    @property
+    def log_dir(self) -> Path:
+        return self.state_dir / "log"
+
+    @property
+    def domains_run_dir(self) -> Path:
+        return self.run_dir / "domains"
+
+    def domain_run_dir(self, name: str) -> Path:
+        return self.domains_run_dir / name
+
+    def domain_log(self, name: str) -> Path:
+        return self.log_dir / f"{name}.log"
+
+    @classmethod
+    def under_root(cls, root: Path) -> Layout:
+        root = root.absolute()
+        return cls(root / "qvirtd.toml", root / "state", root / "run", root / "run" / "qvirtd.sock")
+
+    @classmethod
+    def default(cls) -> Layout:
+        """System paths as root, else XDG paths (as the contract pins them)."""
+        if os.geteuid() == 0:
+            run = Path("/run/qvirtd")
+            return cls(Path("/etc/qvirtd/qvirtd.toml"), Path("/var/lib/qvirtd"), run,
+                       run / "qvirtd.sock")
+        home = Path.home()
+        cfg = Path(os.environ.get("XDG_CONFIG_HOME") or home / ".config") / "qvirtd"
+        state = Path(os.environ.get("XDG_STATE_HOME") or home / ".local" / "state") / "qvirtd"
+        runtime = os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/qvirtd-{os.geteuid()}"
+        run = Path(runtime) / "qvirtd"
+        return cls(cfg / "qvirtd.toml", state, run, run / "qvirtd.sock")
+
+
+def resolve(root: Path | None, config: Path | None) -> tuple[Layout, Settings]:
+    """The daemon's layout and settings from its flags (`--root`, `--config`)."""
+    layout = Layout.under_root(root) if root is not None else Layout.default()
+    config_path = config
+    if config_path is None and layout.config_file.exists():
+        config_path = layout.config_file
+    settings = load_settings(config_path)
+    if settings.socket_path:
+        layout = Layout(layout.config_file, layout.state_dir, layout.run_dir,
+                        Path(settings.socket_path))
+    return layout, settings
+
+
+def default_socket_path() -> Path:
+    """The socket a client uses when neither `--socket` nor `$QVIRTD_SOCKET` says otherwise."""
+    env = os.environ.get("QVIRTD_SOCKET")
+    if env:
+        return Path(env)
+    return Layout.default().socket_path

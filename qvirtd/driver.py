@@ -1,0 +1,74 @@
+"""The domain table: lookups by name, uuid and id, and the short-held driver lock.
+
+The driver lock (rule L1) covers the table and nothing else: it is taken to look up, reserve
+or remove an entry, or to index a running domain's id, and released before anything else
+happens. It is never taken while a domain lock is held (release the domain lock first), and
+nothing is awaited under it except the lock itself.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+from .domain import Domain
+from .errors import NoDomainError
+from .locks import HoldStats, TrackedLock
+from .model import looks_like_id
+
+
+class DomainTable:
+    def __init__(self) -> None:
+        self.hold_stats = HoldStats()
+        self.lock = TrackedLock("driver", stats=self.hold_stats)
+        self._by_name: dict[str, Domain] = {}
+        self._by_uuid: dict[str, Domain] = {}
+        self._by_id: dict[int, Domain] = {}
+        self._next_id = itertools.count(1)
+
+    # --- everything below: caller holds self.lock (rule L1) ---------------------------------
+
+    def find(self, ident: str) -> Domain:
+        """By name, then uuid, then (for a bare number) running id, as virsh resolves names."""
+        dom = self._by_name.get(ident) or self._by_uuid.get(ident.lower())
+        if dom is None and looks_like_id(ident):
+            dom = self._by_id.get(int(ident))
+        if dom is None:
+            raise NoDomainError(f"domain '{ident}' not found")
+        return dom
+
+    def get_name(self, name: str) -> Domain | None:
+        return self._by_name.get(name)
+
+    def get_uuid(self, uuid: str) -> Domain | None:
+        return self._by_uuid.get(uuid)
+
+    def add(self, dom: Domain) -> None:
+        """Reserve the table slot for a new domain (its name and uuid are taken from now on)."""
+        assert dom.name not in self._by_name and dom.uuid not in self._by_uuid
+        self._by_name[dom.name] = dom
+        self._by_uuid[dom.uuid] = dom
+
+    def remove(self, dom: Domain) -> None:
+        """Drop `dom` (the caller has released its domain lock first, rule L1)."""
+        if self._by_name.get(dom.name) is dom:
+            del self._by_name[dom.name]
+        if self._by_uuid.get(dom.uuid) is dom:
+            del self._by_uuid[dom.uuid]
+        if dom.id is not None and self._by_id.get(dom.id) is dom:
+            del self._by_id[dom.id]
+        dom.removed = True
+
+    def assign_id(self, dom: Domain) -> int:
+        dom_id = next(self._next_id)
+        self._by_id[dom_id] = dom
+        return dom_id
+
+    def release_id(self, dom: Domain, dom_id: int) -> None:
+        if self._by_id.get(dom_id) is dom:
+            del self._by_id[dom_id]
+
+    def all(self) -> list[Domain]:
+        return list(self._by_name.values())
+
+    def __len__(self) -> int:
+        return len(self._by_name)

@@ -1,0 +1,75 @@
+"""Errors an operation can end with. Each has a stable `kind` that clients can branch on.
+
+The message is written for a person: it names the domain, the operation and what went wrong,
+so that `qvirsh` can print it as it is.
+"""
+
+from __future__ import annotations
+
+
+class QvirtError(Exception):
+    """An operation the daemon refused or could not finish."""
+
+    kind = "failed"
+
+
+class NoDomainError(QvirtError):
+    kind = "no-domain"
+
+
+class InvalidOperationError(QvirtError):
+    """The operation does not fit the domain's current state (e.g. start a running domain)."""
+
+    kind = "invalid-operation"
+
+
+class InvalidDefinitionError(QvirtError):
+    kind = "invalid-definition"
+
+
+class JobTimeoutError(QvirtError):
+    """Waited `job_wait_timeout_s` for another job on the domain; names the holder."""
+
+    kind = "job-timeout"
+
+
+class MonitorError(QvirtError):
+    """A QMP command failed: QEMU refused it, did not answer in time, or went away."""
+
+    kind = "monitor"
+
+
+class MonitorTimeoutError(MonitorError):
+    kind = "monitor-timeout"
+
+
+class MonitorClosedError(MonitorError):
+    kind = "monitor-closed"
+
+
+class DomainGoneError(QvirtError):
+    """The domain stopped (or was restarted) while the operation waited on something."""
+
+    kind = "domain-gone"
+
+
+class ProcessError(QvirtError):
+    kind = "process"
+
+
+class LockDisciplineError(QvirtError):
+    """A QMP command or process wait was awaited while holding a driver or domain lock."""
+
+    kind = "lock-discipline"
+
+
+class InvalidParamsError(QvirtError):
+    """Params that passed the envelope but not the method's own checks."""
+
+    kind = "invalid-params"
+
+
+class ReplayGapError(QvirtError):
+    """A subscriber asked to resume from a seq no longer in the replay buffer: re-read state."""
+
+    kind = "replay-gap"

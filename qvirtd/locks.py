@@ -1,0 +1,119 @@
+"""Locks that know who holds them, so the lock rules can be checked while the daemon runs.
+
+asyncio locks are cheap, but an `await` under one stalls everything queued behind it. Our rule
+(docs/design.md, L4) is that no QMP command, process wait or sleep is awaited while the current
+task holds the driver lock or a domain lock. `TrackedLock` records, per task, the locks it holds;
+`check_no_locks()` is called at every such wait and counts (or, with `lock_check`, raises on)
+violations. The driver lock also records how long it was held, for `daemon-stats`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+from typing import Any, Literal
+
+from .errors import LockDisciplineError
+
+log = logging.getLogger(__name__)
+
+_held: dict[asyncio.Task[Any], list[TrackedLock]] = {}
+
+
+class LockWatch:
+    """Process-wide switch and counters for lock-discipline checking."""
+
+    strict = False
+    violations = 0
+    last_violation = ""
+
+
+class HoldStats:
+    """Hold times of one lock: count, max and a bounded window of recent samples."""
+
+    def __init__(self, window: int = 20000) -> None:
+        self.count = 0
+        self.max_s = 0.0
+        self.samples: collections.deque[float] = collections.deque(maxlen=window)
+
+    def add(self, seconds: float) -> None:
+        self.count += 1
+        self.max_s = max(self.max_s, seconds)
+        self.samples.append(seconds)
+
+    def summary(self) -> dict[str, float | int]:
+        ordered = sorted(self.samples)
+
+        def pct(p: float) -> float:
+            if not ordered:
+                return 0.0
+            return ordered[min(len(ordered) - 1, int(p * len(ordered)))]
+
+        return {
+            "count": self.count,
+            "p50_ms": pct(0.50) * 1e3,
+            "p99_ms": pct(0.99) * 1e3,
+            "max_ms": self.max_s * 1e3,
+        }
+
+
+class TrackedLock(asyncio.Lock):
+    """An asyncio.Lock that records its holder task (and, optionally, hold times)."""
+
+    def __init__(self, name: str, stats: HoldStats | None = None) -> None:
+        super().__init__()
+        self.name = name
+        self.stats = stats
+        self._owner: asyncio.Task[Any] | None = None
+        self._since = 0.0
+
+    async def acquire(self) -> Literal[True]:
+        await super().acquire()
+        task = asyncio.current_task()
+        if task is not None:
+            self._owner = task
+            _held.setdefault(task, []).append(self)
+        self._since = time.perf_counter()
+        return True
+
+    def release(self) -> None:
+        if self.stats is not None:
+            self.stats.add(time.perf_counter() - self._since)
+        owner = self._owner
+        if owner is not None:
+            held = _held.get(owner)
+            if held is not None:
+                try:
+                    held.remove(self)
+                except ValueError:
+                    pass
+                if not held:
+                    del _held[owner]
+            self._owner = None
+        super().release()
+
+    def held_by_current_task(self) -> bool:
+        return self._owner is not None and self._owner is asyncio.current_task()
+
+
+def locks_held() -> list[TrackedLock]:
+    """The tracked locks the current task holds right now."""
+    task = asyncio.current_task()
+    if task is None:
+        return []
+    return list(_held.get(task, ()))
+
+
+def check_no_locks(what: str) -> None:
+    """Called before awaiting `what` (a QMP command, a process exit): rule L4."""
+    held = locks_held()
+    if not held:
+        return
+    names = ", ".join(lock.name for lock in held)
+    LockWatch.violations += 1
+    LockWatch.last_violation = f"{what} awaited while holding {names}"
+    log.error("lock rule L4 broken: %s", LockWatch.last_violation)
+    if LockWatch.strict:
+        raise LockDisciplineError(f"lock rule L4 broken: {LockWatch.last_violation}")

@@ -1,0 +1,195 @@
+"""The on-disk and wire formats of a domain: its definition, devices, state and reason.
+
+Every definition that enters the daemon (from a client or from disk) goes through these models,
+so a name or path that reaches a file path or a QEMU option has already been checked here.
+Extra fields are refused, sizes and counts are bounded, and the contract's examples
+(`domain-minimal.json`, `domain-example.json`) are accepted verbatim.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+import uuid as uuid_mod
+from typing import Annotated, Literal
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    model_validator,
+)
+
+# A domain or device name ends up in file names, QEMU ids and command-line options: keep it to a
+# character set that is safe in all of them (no comma, no slash, no leading dot or dash).
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$"
+DEVICE_ID_PATTERN = r"^[A-Za-z][A-Za-z0-9_-]{0,31}$"
+MAC_PATTERN = r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$"
+
+MAX_MEMORY_MIB = 1024 * 1024
+MAX_VCPUS = 255
+MAX_DEVICES_PER_KIND = 32
+MAX_PATH_LEN = 4096
+MAX_CMDLINE_LEN = 4096
+
+DomainName = Annotated[str, StringConstraints(pattern=NAME_PATTERN)]
+DeviceId = Annotated[str, StringConstraints(pattern=DEVICE_ID_PATTERN)]
+
+
+def _check_host_path(value: str) -> str:
+    """Host paths go to QEMU verbatim (escaped where needed); refuse what no path can contain."""
+    if not value.startswith("/"):
+        raise ValueError("must be an absolute path")
+    if "\x00" in value or "\n" in value or "\r" in value:
+        raise ValueError("must not contain NUL or line breaks")
+    return value
+
+
+HostPath = Annotated[
+    str, StringConstraints(min_length=1, max_length=MAX_PATH_LEN), AfterValidator(_check_host_path)
+]
+
+
+def _check_cmdline(value: str) -> str:
+    if "\x00" in value:
+        raise ValueError("must not contain NUL")
+    return value
+
+
+class StrictModel(BaseModel):
+    """Base for every format: unknown fields are an error, never silently dropped."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class Accel(enum.StrEnum):
+    AUTO = "auto"
+    KVM = "kvm"
+    TCG = "tcg"
+
+
+class LifecycleAction(enum.StrEnum):
+    """What to do when the guest powers off, reboots or crashes (libvirt's on_* actions)."""
+
+    DESTROY = "destroy"
+    RESTART = "restart"
+    PRESERVE = "preserve"
+
+
+class BootDef(StrictModel):
+    """Direct kernel boot. Without it the guest boots from firmware (no-OS guests spin there)."""
+
+    kernel: HostPath | None = None
+    initrd: HostPath | None = None
+    cmdline: Annotated[str, StringConstraints(max_length=MAX_CMDLINE_LEN),
+                       AfterValidator(_check_cmdline)] = ""
+
+    @model_validator(mode="after")
+    def _initrd_needs_kernel(self) -> BootDef:
+        if self.kernel is None and (self.initrd is not None or self.cmdline):
+            raise ValueError("initrd and cmdline need a kernel")
+        return self
+
+
+class DiskDef(StrictModel):
+    """A disk image file attached as virtio-blk (the device id is `id`)."""
+
+    id: DeviceId
+    path: HostPath
+    format: Literal["raw", "qcow2"] = "raw"
+    readonly: bool = False
+    bus: Literal["virtio"] = "virtio"
+
+
+class CdromDef(StrictModel):
+    """A CD-ROM drive on the q35 AHCI controller; `path` None means an empty tray."""
+
+    id: DeviceId
+    path: HostPath | None = None
+
+
+class NicDef(StrictModel):
+    """A virtio network card. `user` is QEMU's user-mode network; `tap`/`bridge` need the host."""
+
+    id: DeviceId
+    backend: Literal["user", "tap", "bridge"] = "user"
+    mac: Annotated[str, StringConstraints(pattern=MAC_PATTERN)] | None = None
+    ifname: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.-]{1,15}$")] | None = None
+    bridge: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.-]{1,15}$")] | None = None
+
+    @model_validator(mode="after")
+    def _backend_fields(self) -> NicDef:
+        if self.backend == "bridge" and self.bridge is None:
+            raise ValueError("backend 'bridge' needs 'bridge'")
+        if self.backend == "tap" and self.ifname is None:
+            raise ValueError("backend 'tap' needs 'ifname'")
+        return self
+
+
+class DomainDef(StrictModel):
+    """A domain definition: the persistent one on disk, or the live one of a running domain."""
+
+    name: DomainName
+    uuid: uuid_mod.UUID = Field(default_factory=uuid_mod.uuid4)
+    memory_mib: int = Field(default=128, ge=16, le=MAX_MEMORY_MIB)
+    vcpus: int = Field(default=1, ge=1, le=MAX_VCPUS)
+    accel: Accel = Accel.AUTO
+    machine: Literal["q35"] = "q35"
+    boot: BootDef | None = None
+    disks: list[DiskDef] = Field(default_factory=list, max_length=MAX_DEVICES_PER_KIND)
+    # q35's built-in AHCI controller has six ports.
+    cdroms: list[CdromDef] = Field(default_factory=list, max_length=6)
+    nics: list[NicDef] = Field(default_factory=list, max_length=MAX_DEVICES_PER_KIND)
+    hotplug_ports: int = Field(default=4, ge=0, le=MAX_DEVICES_PER_KIND)
+    on_poweroff: LifecycleAction = LifecycleAction.DESTROY
+    on_reboot: LifecycleAction = LifecycleAction.RESTART
+    on_crash: LifecycleAction = LifecycleAction.DESTROY
+
+    @model_validator(mode="after")
+    def _unique_device_ids(self) -> DomainDef:
+        seen: set[str] = set()
+        devices: list[DiskDef | CdromDef | NicDef] = [*self.disks, *self.cdroms, *self.nics]
+        for dev in devices:
+            if dev.id in seen:
+                raise ValueError(f"device id {dev.id!r} is used twice")
+            seen.add(dev.id)
+        return self
+
+
+class DomainState(enum.StrEnum):
+    """The contract's domain states (libvirt's, in lower case)."""
+
+    RUNNING = "running"
+    PAUSED = "paused"
+    SHUTDOWN = "shutdown"
+    SHUTOFF = "shutoff"
+    CRASHED = "crashed"
+    PMSUSPENDED = "pmsuspended"
+
+
+class Reason(enum.StrEnum):
+    """Why a domain is in its state. One vocabulary for all states, as virsh prints them."""
+
+    UNKNOWN = "unknown"
+    BOOTED = "booted"
+    UNPAUSED = "unpaused"
+    USER = "user"
+    STARTING_UP = "starting up"
+    SHUTDOWN = "shutdown"
+    DESTROYED = "destroyed"
+    CRASHED = "crashed"
+    FAILED = "failed"
+    PANICKED = "panicked"
+    IOERROR = "ioerror"
+    WATCHDOG = "watchdog"
+    WAKEUP = "wakeup"
+
+
+_ID_RE = re.compile(r"^[0-9]+$")
+
+
+def looks_like_id(ident: str) -> bool:
+    """A bare number names a running domain by id, as in virsh."""
+    return bool(_ID_RE.match(ident))

@@ -1,0 +1,130 @@
+"""What every operation shares: the table, settings, events, and the lock/job/monitor patterns.
+
+The three patterns every operation follows (docs/design.md names them L1..L5):
+
+* `lookup()`           L1: driver lock only around the table lookup.
+* `job()`              L2: the job is taken under the domain lock by waiting on the job
+                       condition; the domain lock is released as soon as the job is held.
+* `qmp()`              L4/L5: "enter monitor": read what is needed under the domain lock,
+                       release it, await QEMU, and on failure tell a stopped domain apart from a
+                       failed command. The caller re-checks `is_current()` under the domain lock
+                       before touching state (`ensure_current()`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Coroutine
+from contextlib import asynccontextmanager
+from typing import Any
+
+from ..config import Layout, Settings
+from ..domain import Domain
+from ..driver import DomainTable
+from ..errors import DomainGoneError, InvalidOperationError, MonitorClosedError, NoDomainError
+from ..events import EventBus
+from ..job import Job, JobKind
+from ..model import DomainState, Reason
+from ..store import DefinitionStore
+
+log = logging.getLogger(__name__)
+
+
+class Context:
+    def __init__(self, settings: Settings, layout: Layout) -> None:
+        self.settings = settings
+        self.layout = layout
+        self.table = DomainTable()
+        self.bus = EventBus(settings.event_flush_delay_s, settings.event_queue_per_subscriber,
+                            settings.event_replay_buffer)
+        self.store = DefinitionStore(layout.definitions_dir, layout.autostart_dir)
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    def spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
+        """Run `coro` as a task the daemon keeps a reference to (and logs if it fails)."""
+        task = asyncio.create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("background task %s failed: %s", task.get_name(), task.exception())
+
+    @property
+    def background_tasks(self) -> set[asyncio.Task[Any]]:
+        return self._tasks
+
+    async def lookup(self, ident: str) -> Domain:
+        async with self.table.lock:  # L1: look up only
+            return self.table.find(ident)
+
+    @asynccontextmanager
+    async def job(self, dom: Domain, kind: JobKind, owner: str) -> AsyncIterator[Job]:
+        async with dom.lock:  # L2: take the job under the domain lock (the wait releases it)
+            if dom.removed:
+                raise NoDomainError(f"domain '{dom.name}' not found")
+            job = await dom.job.acquire(kind, owner, self.settings.job_wait_timeout_s)
+        try:
+            yield job
+        finally:
+            async with dom.lock:  # L2: end the job under the domain lock
+                dom.job.release(job)
+
+    def ensure_current(self, dom: Domain, generation: int, what: str) -> None:
+        """L5, under the domain lock: the domain is still the run we started acting on."""
+        if not dom.is_current(generation):
+            how = {Reason.DESTROYED: "destroyed", Reason.CRASHED: "crashed"}.get(
+                dom.reason, "stopped") if not dom.active else "restarted"
+            raise DomainGoneError(f"domain '{dom.name}' was {how} while '{what}' was running")
+
+    def running_generation(self, dom: Domain) -> int:
+        """Under the domain lock: the current run, or an error if the domain is not running."""
+        if not dom.active or dom.monitor is None:
+            raise InvalidOperationError(f"domain '{dom.name}' is not running")
+        return dom.generation
+
+    async def qmp(self, dom: Domain, generation: int, command: str,
+                  arguments: dict[str, Any] | None = None, timeout_s: float | None = None,
+                  what: str | None = None) -> Any:
+        """Enter monitor (L4): no lock is held while QEMU works on `command`."""
+        async with dom.lock:  # L3: read the monitor handle only
+            self.ensure_current(dom, generation, what or command)
+            monitor = dom.monitor
+        assert monitor is not None
+        try:
+            return await monitor.execute(command, arguments, timeout_s)
+        except MonitorClosedError:
+            # Exit monitor: if QEMU went away under us, say that rather than "monitor closed".
+            await self.wait_stopped(dom, generation, 2.0)
+            async with dom.lock:  # L5
+                self.ensure_current(dom, generation, what or command)
+            raise
+
+    async def wait_stopped(self, dom: Domain, generation: int, timeout_s: float) -> bool:
+        """Wait (no lock held) until the run `generation` has been cleaned up."""
+        async with dom.lock:  # L3
+            if not dom.is_current(generation):
+                return True
+            ended = dom.run_ended
+        try:
+            await asyncio.wait_for(ended.wait(), timeout_s)
+        except TimeoutError:
+            return False
+        return True
+
+    def emit(self, dom: Domain, event: str, type: str | None = None, detail: str | None = None,
+             data: dict[str, Any] | None = None) -> None:
+        """Queue an event (E1: pushed where it happens, under the domain lock)."""
+        self.bus.push(event, dom.name, dom.uuid, dom.id, type, detail, data)
+
+    def set_state(self, dom: Domain, state: DomainState, reason: Reason,
+                  event: tuple[str, str] | None = None) -> None:
+        """Under the domain lock: change state; emit the lifecycle event only on a change."""
+        changed = dom.state is not state
+        dom.state = state
+        dom.reason = reason
+        if changed and event is not None:
+            self.emit(dom, "lifecycle", event[0], event[1])

@@ -1,0 +1,340 @@
+"""The life of one QEMU run: launch, watch, react to QMP events, clean up when it ends.
+
+Who notices what:
+* the process watcher (pidfd) is the authority on "QEMU is gone": it lets the monitor read
+  QEMU's last events, drains the event pump, then marks the domain shut off under the domain
+  lock only. It takes no job, so it can never be blocked by a stuck job: a job holder that was
+  waiting on QEMU notices at its next re-check (L5) and fails cleanly.
+* the event pump applies QMP events to the domain's state under the domain lock, queues our
+  events there, and hands anything that needs the monitor (fake reboot, on_poweroff, on_crash)
+  to a new task that takes a job: an event handler never talks to QEMU itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import logging
+import os
+import socket
+import time
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from ..domain import Domain
+from ..errors import QvirtError
+from ..job import JobKind
+from ..model import Accel, DomainDef, DomainState, LifecycleAction, Reason
+from ..qemu.argv import LaunchPaths, build_argv
+from ..qemu.monitor import Monitor
+from ..qemu.process import QemuProcess, describe_status
+from ..qemu.unixpath import short_path
+from .context import Context
+
+log = logging.getLogger(__name__)
+
+KVM_GET_API_VERSION = 0xAE00
+_BARRIER = "__qvirtd_barrier__"
+
+
+def kvm_usable() -> bool:
+    """/dev/kvm opens read-write and answers the stable API version (12)."""
+    try:
+        fd = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        return fcntl.ioctl(fd, KVM_GET_API_VERSION) == 12
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
+def resolve_accel(accel: Accel) -> str:
+    if accel is Accel.AUTO:
+        return "kvm" if kvm_usable() else "tcg"
+    if accel is Accel.KVM and not kvm_usable():
+        raise QvirtError("accel 'kvm' was asked for but /dev/kvm is not usable")
+    return str(accel)
+
+
+def _log_tail(path: Path, offset: int, limit: int = 2000) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(offset)
+            data = f.read()
+    except OSError:
+        return ""
+    text = data.decode(errors="replace").strip()
+    return text[-limit:]
+
+
+_STOP_DETAIL = {
+    Reason.SHUTDOWN: "shutdown",
+    Reason.DESTROYED: "destroyed",
+    Reason.CRASHED: "crashed",
+    Reason.FAILED: "failed",
+}
+
+
+class Runtime:
+    """Launching and watching QEMU runs; reacting to what QEMU says."""
+
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+
+    # --- launch --------------------------------------------------------------------------
+
+    async def launch(self, dom: Domain, generation: int, definition: DomainDef,
+                     paused: bool) -> None:
+        """Start QEMU for `dom` (caller holds the async job) and bring it to running/paused."""
+        ctx = self.ctx
+        settings = ctx.settings
+        accel = resolve_accel(definition.accel)
+        async with ctx.table.lock:  # L1: index the new id, nothing else
+            dom_id = ctx.table.assign_id(dom)
+        run_dir = ctx.layout.domain_run_dir(dom.name)
+        run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(run_dir, 0o700)
+        paths = LaunchPaths(run_dir, run_dir / "monitor.sock", run_dir / "console.log")
+        log_path = ctx.layout.domain_log(dom.name)
+        log_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        with contextlib.suppress(FileNotFoundError):
+            paths.monitor_socket.unlink()
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            with short_path(paths.monitor_socket) as where:
+                listener.bind(where)
+            listener.listen(8)
+            argv = build_argv(definition, accel, settings.qemu_binary, listener.fileno(), paths)
+            with open(log_path, "ab") as logf:
+                stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+                logf.write(f"{stamp} starting domain {dom.name}: {argv!r}\n".encode())
+                log_offset = logf.tell()
+            queue: asyncio.Queue[tuple[str, dict[str, Any]]] = asyncio.Queue()
+            async with dom.lock:  # L3: publish the new run atomically (spawn is not awaited)
+                process = QemuProcess.spawn(argv, [listener.fileno()], log_path, run_dir)
+                dom.process = process
+                dom.id = dom_id
+                dom.live_def = definition
+                dom.run_dir = run_dir
+                dom.accel_in_use = accel
+                dom.stop_reason = None
+                dom.saw_shutdown = False
+                dom.fake_reboot = False
+                dom.run_ended = asyncio.Event()
+                dom.qmp_events = queue
+                dom.monitor = Monitor(dom.name, partial(self._queue_qmp_event, queue),
+                                      partial(self._monitor_lost, dom, generation),
+                                      settings.monitor_timeout_s)
+                ctx.set_state(dom, DomainState.PAUSED, Reason.STARTING_UP)
+                monitor = dom.monitor
+                dom.event_pump = ctx.spawn(self._pump(dom, generation, queue),
+                                           f"qmp-events-{dom.name}")
+                ctx.spawn(self._watch_process(dom, generation, process, monitor, queue),
+                          f"watch-{dom.name}")
+        finally:
+            listener.close()
+        log.info("domain %s: QEMU pid %d started (accel %s)", dom.name, process.pid, accel)
+        try:
+            await monitor.connect(paths.monitor_socket, settings.monitor_connect_timeout_s)
+            if not paused:
+                await ctx.qmp(dom, generation, "cont", what="start")
+            async with dom.lock:  # L5: still our run?
+                ctx.ensure_current(dom, generation, "start")
+                if paused:
+                    ctx.set_state(dom, DomainState.PAUSED, Reason.USER)
+                    ctx.emit(dom, "lifecycle", "started", "booted")
+                    ctx.emit(dom, "lifecycle", "suspended", "paused")
+                else:
+                    ctx.set_state(dom, DomainState.RUNNING, Reason.BOOTED)
+                    ctx.emit(dom, "lifecycle", "started", "booted")
+        except BaseException as exc:
+            async with dom.lock:  # L3
+                if dom.is_current(generation) and dom.stop_reason is None:
+                    dom.stop_reason = Reason.FAILED
+            await self.kill(dom, generation)
+            said = _log_tail(log_path, log_offset)
+            if isinstance(exc, QvirtError | OSError):
+                msg = f"domain '{dom.name}' failed to start: {exc}"
+                if said:
+                    msg += f"; QEMU said: {said}"
+                raise QvirtError(msg) from exc
+            raise
+
+    # --- stopping ------------------------------------------------------------------------
+
+    async def kill(self, dom: Domain, generation: int) -> None:
+        """Terminate the run's QEMU (no lock held, L4) and wait until it is cleaned up."""
+        settings = self.ctx.settings
+        async with dom.lock:  # L3
+            if not dom.is_current(generation):
+                return
+            process = dom.process
+            ended = dom.run_ended
+        assert process is not None
+        await process.terminate(settings.destroy_grace_s, settings.process_exit_timeout_s)
+        try:
+            await asyncio.wait_for(ended.wait(), settings.process_exit_timeout_s)
+        except TimeoutError:
+            log.error("domain %s: QEMU exited but the run was not cleaned up in time", dom.name)
+
+    async def _watch_process(self, dom: Domain, generation: int, process: QemuProcess,
+                             monitor: Monitor,
+                             queue: asyncio.Queue[tuple[str, dict[str, Any]]]) -> None:
+        """Wait for QEMU to exit, let its last events be handled, then shut the domain off."""
+        status = await process.exited
+        log.info("domain %s: QEMU pid %d %s", dom.name, process.pid, describe_status(status))
+        # QEMU's SHUTDOWN event may still sit unread in the monitor socket: read it first.
+        await monitor.wait_lost(1.0)
+        barrier: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        queue.put_nowait((_BARRIER, {"future": barrier}))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(barrier), 1.0)
+        await self.stopped(dom, generation)
+
+    async def stopped(self, dom: Domain, generation: int) -> None:
+        """QEMU of run `generation` is gone: shut the domain off and clean up (idempotent)."""
+        ctx = self.ctx
+        async with dom.lock:  # L3: state only; nothing awaited
+            if not dom.is_current(generation):
+                return
+            if dom.stop_reason is not None:
+                reason = dom.stop_reason
+            elif dom.saw_shutdown:
+                reason = Reason.SHUTDOWN
+            else:
+                reason = Reason.CRASHED
+            old_id = dom.id
+            monitor, pump, process = dom.monitor, dom.event_pump, dom.process
+            ctx.set_state(dom, DomainState.SHUTOFF, reason,
+                          ("stopped", _STOP_DETAIL.get(reason, "shutdown")))
+            dom.process = None
+            dom.monitor = None
+            dom.event_pump = None
+            dom.id = None
+            dom.live_def = None
+            dom.accel_in_use = None
+            dom.fake_reboot = False
+            if dom.run_dir is not None:
+                with contextlib.suppress(FileNotFoundError):
+                    (dom.run_dir / "monitor.sock").unlink()
+            dom.run_ended.set()
+        if process is not None:
+            process.close()
+        if pump is not None and pump is not asyncio.current_task():
+            pump.cancel()
+        if monitor is not None:
+            await monitor.close()
+        async with ctx.table.lock:  # L1: only at the very end (seed 003)
+            if old_id is not None:
+                ctx.table.release_id(dom, old_id)
+            # No await between the check and the removal: nothing can redefine it meanwhile.
+            if dom.persistent_def is None and not dom.active:
+                ctx.table.remove(dom)
+
+    def _monitor_lost(self, dom: Domain, generation: int) -> None:
+        """Monitor EOF. Normally QEMU is exiting; if it lingers without a monitor, kill it."""
+        self.ctx.spawn(self._reap_lingering(dom, generation), f"monitor-lost-{dom.name}")
+
+    async def _reap_lingering(self, dom: Domain, generation: int) -> None:
+        async with dom.lock:  # L3
+            if not dom.is_current(generation) or dom.process is None:
+                return
+            process = dom.process
+        if await process.wait(self.ctx.settings.destroy_grace_s + 2.0):
+            return
+        log.warning("domain %s: QEMU closed its monitor but did not exit: killing it", dom.name)
+        await self.kill(dom, generation)
+
+    # --- QMP events ----------------------------------------------------------------------
+
+    @staticmethod
+    def _queue_qmp_event(queue: asyncio.Queue[tuple[str, dict[str, Any]]], name: str,
+                         data: dict[str, Any]) -> None:
+        queue.put_nowait((name, data))
+
+    async def _pump(self, dom: Domain, generation: int,
+                    queue: asyncio.Queue[tuple[str, dict[str, Any]]]) -> None:
+        """Apply this run's QMP events in order, one at a time."""
+        while True:
+            name, data = await queue.get()
+            if name == _BARRIER:
+                data["future"].set_result(None)
+                continue
+            try:
+                await self._on_qmp_event(dom, generation, name, data)
+            except Exception:
+                log.exception("domain %s: handling QMP event %s failed", dom.name, name)
+
+    async def _on_qmp_event(self, dom: Domain, generation: int, name: str,
+                            data: dict[str, Any]) -> None:
+        ctx = self.ctx
+        async with dom.lock:  # L3: state and events only; monitor work goes to a job task
+            if not dom.is_current(generation):
+                return
+            log.debug("domain %s: QMP event %s %s", dom.name, name, data)
+            definition = dom.definition
+            if name == "SHUTDOWN":
+                dom.saw_shutdown = True
+                guest = bool(data.get("guest"))
+                qemu_reason = str(data.get("reason", ""))
+                action: LifecycleAction | None
+                if dom.fake_reboot and guest:
+                    action = LifecycleAction.RESTART
+                elif qemu_reason == "guest-reset":
+                    action = definition.on_reboot
+                elif qemu_reason == "guest-panic":
+                    action = definition.on_crash
+                elif guest:
+                    action = definition.on_poweroff
+                else:
+                    action = None  # the host asked QEMU to quit: it is exiting
+                ctx.set_state(dom, DomainState.SHUTDOWN, Reason.USER if not guest
+                              else Reason.SHUTDOWN, ("shutdown", "finished"))
+                if action is LifecycleAction.RESTART:
+                    ctx.spawn(self._restart_in_place(dom, generation, "reboot"),
+                              f"fake-reboot-{dom.name}")
+                elif action is LifecycleAction.DESTROY:
+                    dom.stop_reason = Reason.SHUTDOWN
+                    ctx.spawn(self.kill(dom, generation), f"poweroff-{dom.name}")
+                elif action is LifecycleAction.PRESERVE:
+                    ctx.set_state(dom, DomainState.PAUSED, Reason.SHUTDOWN)
+            elif name == "STOP":
+                if dom.state is DomainState.RUNNING:
+                    ctx.set_state(dom, DomainState.PAUSED, Reason.USER,
+                                  ("suspended", "paused"))
+            elif name == "RESUME":
+                if dom.state is DomainState.PAUSED and not dom.starting:
+                    ctx.set_state(dom, DomainState.RUNNING, Reason.UNPAUSED,
+                                  ("resumed", "unpaused"))
+            elif name == "RESET":
+                ctx.emit(dom, "reboot", data={"guest": bool(data.get("guest"))})
+            elif name == "GUEST_PANICKED":
+                ctx.set_state(dom, DomainState.CRASHED, Reason.PANICKED,
+                              ("crashed", "panicked"))
+                if definition.on_crash is LifecycleAction.RESTART:
+                    ctx.spawn(self._restart_in_place(dom, generation, "crash restart"),
+                              f"crash-restart-{dom.name}")
+                elif definition.on_crash is LifecycleAction.DESTROY:
+                    dom.stop_reason = Reason.CRASHED
+                    ctx.spawn(self.kill(dom, generation), f"crash-destroy-{dom.name}")
+
+    async def _restart_in_place(self, dom: Domain, generation: int, why: str) -> None:
+        """Reset and continue in the same QEMU (libvirt's fake reboot), as a job."""
+        ctx = self.ctx
+        try:
+            async with ctx.job(dom, JobKind.MODIFY, why):
+                async with dom.lock:  # L5
+                    ctx.ensure_current(dom, generation, why)
+                    dom.fake_reboot = False
+                await ctx.qmp(dom, generation, "system_reset", what=why)
+                await ctx.qmp(dom, generation, "cont", what=why)
+                async with dom.lock:  # L5
+                    ctx.ensure_current(dom, generation, why)
+                    ctx.set_state(dom, DomainState.RUNNING, Reason.BOOTED)
+        except QvirtError as exc:
+            log.warning("domain %s: %s failed: %s", dom.name, why, exc)

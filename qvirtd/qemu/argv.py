@@ -1,0 +1,172 @@
+"""Definition -> QEMU command line.
+
+Devices, backends and block nodes are passed as JSON (`-device {...}`, `-netdev {...}`,
+`-blockdev {...}`), which QEMU parses without QemuOpts' comma rules, so a value can never add an
+option. The options that only take QemuOpts syntax (`-machine`, `-chardev`, `-name`, `-mon`)
+have every comma inside a value doubled by `opt()`, which is how QemuOpts escapes a comma; a
+test checks that a hostile value cannot inject a key.
+
+Every device gets a stable QEMU id (the definition's `id`) and sits on its own PCIe root port,
+so it can be unplugged later; `hotplug_ports` extra ports are left free for hotplug.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..model import CdromDef, DiskDef, DomainDef, NicDef
+
+MONITOR_FD_ID = "qmp"
+SERIAL_ID = "serial0"
+
+
+def opt(value: str) -> str:
+    """Escape a QemuOpts value: a literal comma is written as two commas."""
+    return value.replace(",", ",,")
+
+
+def opts(first: str, **keys: str) -> str:
+    """`first,key=value,...` with every value escaped (keys are ours, never user input)."""
+    parts = [opt(first)] if first else []
+    parts.extend(f"{k.replace('_', '-')}={opt(v)}" for k, v in keys.items())
+    return ",".join(parts)
+
+
+def jarg(obj: dict[str, Any]) -> str:
+    return json.dumps(obj, separators=(",", ":"))
+
+
+def default_mac(domain_uuid: str, device_id: str) -> str:
+    """A stable locally administered MAC (QEMU's 52:54:00 prefix) from the uuid and device id."""
+    digest = hashlib.sha256(f"{domain_uuid}/{device_id}".encode()).digest()
+    return "52:54:00:" + ":".join(f"{b:02x}" for b in digest[:3])
+
+
+def root_port_id(index: int) -> str:
+    return f"rp{index}"
+
+
+def root_port_device(index: int) -> dict[str, Any]:
+    # chassis/slot must be unique per port; QEMU picks the PCI address on pcie.0.
+    return {"driver": "pcie-root-port", "id": root_port_id(index), "bus": "pcie.0",
+            "chassis": index + 1, "slot": index + 1}
+
+
+def disk_blockdevs(disk: DiskDef) -> list[dict[str, Any]]:
+    """The protocol node and the format node of a disk (both read-only when the disk is)."""
+    file_node = {"driver": "file", "filename": disk.path, "node-name": f"file-{disk.id}",
+                 "read-only": disk.readonly, "discard": "unmap"}
+    fmt_node = {"driver": disk.format, "node-name": f"fmt-{disk.id}", "file": f"file-{disk.id}",
+                "read-only": disk.readonly}
+    return [file_node, fmt_node]
+
+
+def disk_device(disk: DiskDef, bus: str) -> dict[str, Any]:
+    return {"driver": "virtio-blk-pci", "id": disk.id, "drive": f"fmt-{disk.id}", "bus": bus}
+
+
+def cdrom_blockdevs(cdrom: CdromDef) -> list[dict[str, Any]]:
+    if cdrom.path is None:
+        return []
+    return [{"driver": "file", "filename": cdrom.path, "node-name": f"file-{cdrom.id}",
+             "read-only": True},
+            {"driver": "raw", "node-name": f"fmt-{cdrom.id}", "file": f"file-{cdrom.id}",
+             "read-only": True}]
+
+
+def cdrom_device(cdrom: CdromDef, index: int) -> dict[str, Any]:
+    # q35's built-in AHCI controller has six ports: ide.0 .. ide.5.
+    dev: dict[str, Any] = {"driver": "ide-cd", "id": cdrom.id, "bus": f"ide.{index}"}
+    if cdrom.path is not None:
+        dev["drive"] = f"fmt-{cdrom.id}"
+    return dev
+
+
+def nic_netdev(nic: NicDef) -> dict[str, Any]:
+    netdev_id = f"net-{nic.id}"
+    if nic.backend == "tap":
+        return {"type": "tap", "id": netdev_id, "ifname": nic.ifname, "script": "no",
+                "downscript": "no"}
+    if nic.backend == "bridge":
+        return {"type": "bridge", "id": netdev_id, "br": nic.bridge}
+    return {"type": "user", "id": netdev_id}
+
+
+def nic_device(nic: NicDef, domain_uuid: str, bus: str) -> dict[str, Any]:
+    return {"driver": "virtio-net-pci", "id": nic.id, "netdev": f"net-{nic.id}",
+            "mac": nic.mac or default_mac(domain_uuid, nic.id), "bus": bus,
+            # No option ROM: nothing boots from the network, and none need be installed.
+            "romfile": ""}
+
+
+@dataclass(frozen=True)
+class LaunchPaths:
+    """Files of one run of a domain (in its runtime directory)."""
+
+    run_dir: Path
+    monitor_socket: Path
+    console_log: Path
+
+
+def build_argv(definition: DomainDef, accel: str, qemu_binary: str, monitor_fd: int,
+               paths: LaunchPaths) -> list[str]:
+    """The full command line for `definition`, started paused (-S) with its monitor on an fd."""
+    d = definition
+    uuid = str(d.uuid)
+    argv = [
+        qemu_binary,
+        "-name", opts("", guest=d.name, debug_threads="on"),
+        "-uuid", uuid,
+        "-S", "-no-shutdown", "-nodefaults", "-no-user-config",
+        "-machine", opts("q35", accel=accel, usb="off", dump_guest_core="off"),
+        "-m", f"{d.memory_mib}M",
+        "-smp", str(d.vcpus),
+        "-display", "none",
+        "-chardev", opts("socket", id=MONITOR_FD_ID, fd=str(monitor_fd), server="on",
+                         wait="off"),
+        "-mon", opts("", chardev=MONITOR_FD_ID, mode="control"),
+        "-chardev", opts("file", id=SERIAL_ID, path=str(paths.console_log)),
+        "-device", jarg({"driver": "isa-serial", "chardev": SERIAL_ID, "id": SERIAL_ID}),
+        "-device", jarg({"driver": "pvpanic", "id": "pvpanic0"}),
+    ]
+    if accel == "kvm":
+        argv += ["-cpu", "host"]
+    if d.on_reboot is not d.on_reboot.RESTART:
+        # Let a guest reboot stop QEMU (SHUTDOWN reason guest-reset) so on_reboot can act.
+        argv += ["-no-reboot"]
+    if d.boot is not None and d.boot.kernel is not None:
+        argv += ["-kernel", d.boot.kernel]
+        if d.boot.initrd is not None:
+            argv += ["-initrd", d.boot.initrd]
+        if d.boot.cmdline:
+            argv += ["-append", d.boot.cmdline]
+    port = 0
+    devices: list[dict[str, Any]] = []
+    for disk in d.disks:
+        for node in disk_blockdevs(disk):
+            argv += ["-blockdev", jarg(node)]
+        devices.append(root_port_device(port))
+        devices.append(disk_device(disk, root_port_id(port)))
+        port += 1
+    for index, cdrom in enumerate(d.cdroms):
+        for node in cdrom_blockdevs(cdrom):
+            argv += ["-blockdev", jarg(node)]
+        devices.append(cdrom_device(cdrom, index))
+    for nic in d.nics:
+        argv += ["-netdev", jarg(nic_netdev(nic))]
+        devices.append(root_port_device(port))
+        devices.append(nic_device(nic, uuid, root_port_id(port)))
+        port += 1
+    for _ in range(d.hotplug_ports):
+        devices.append(root_port_device(port))
+        port += 1
+    # Root ports must exist before the devices that plug into them: emit ports first.
+    ordered = [x for x in devices if x["driver"] == "pcie-root-port"]
+    ordered += [x for x in devices if x["driver"] != "pcie-root-port"]
+    for dev in ordered:
+        argv += ["-device", jarg(dev)]
+    return argv

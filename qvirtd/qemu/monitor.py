@@ -1,0 +1,176 @@
+"""One QMP connection per running domain, on `qemu.qmp`, with every wait bounded.
+
+What this wrapper adds to the library, and why:
+
+* Every command has a timeout (`monitor_timeout_s`, overridable per call). A late reply to a
+  command we gave up on is dropped by the library (QMP says to drop unknown ids), so a timeout
+  never poisons the connection.
+* The library's default `events` listener keeps every event forever (an unbounded queue and an
+  unbounded `history` list). We unregister it and use a listener whose `put` hands each event
+  straight to the domain's callback, so nothing accumulates here.
+* `disconnect()` re-raises the error that broke the connection; closing is always quiet here.
+* The library logs expected failures (EOF when QEMU exits, dropped late replies) at ERROR or
+  WARNING; its logger is quietened and we log what matters ourselves.
+* Losing the connection (QEMU died or closed it) is reported once through `on_lost`, and every
+  command in flight or issued later fails with `MonitorClosedError` at once.
+
+Rule L4: `execute()` checks that the calling task holds no driver or domain lock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from qemu.qmp import EventListener, ExecInterruptedError, ExecuteError, QMPClient, Runstate
+from qemu.qmp.error import QMPError
+from qemu.qmp.message import Message
+
+from ..errors import MonitorClosedError, MonitorError, MonitorTimeoutError
+from ..locks import check_no_locks
+from .unixpath import short_path
+
+log = logging.getLogger(__name__)
+
+EventCallback = Callable[[str, dict[str, Any]], None]
+
+
+def quieten_library_logging(debug: bool = False) -> None:
+    logging.getLogger("qemu.qmp").setLevel(logging.DEBUG if debug else logging.CRITICAL)
+
+
+class _ForwardingListener(EventListener):
+    """Hands each QMP event to a callback; keeps no queue and no history."""
+
+    def __init__(self, callback: EventCallback) -> None:
+        super().__init__()
+        self._callback = callback
+
+    async def put(self, event: Message) -> None:
+        data = event.get("data")
+        try:
+            self._callback(str(event["event"]), dict(data) if isinstance(data, dict) else {})
+        except Exception:
+            log.exception("QMP event handler failed on %s", event.get("event"))
+
+
+class Monitor:
+    """The QMP monitor of one running domain."""
+
+    def __init__(self, domain_name: str, on_event: EventCallback,
+                 on_lost: Callable[[], None], default_timeout_s: float) -> None:
+        self.domain_name = domain_name
+        self.default_timeout_s = default_timeout_s
+        self._on_lost = on_lost
+        self._client = QMPClient(domain_name)
+        # Pitfall: drop the default all-events listener (unbounded queue and history).
+        self._client._listeners.remove(self._client.events)
+        self._client.register_listener(_ForwardingListener(on_event))
+        self._closed = False
+        self._lost_reported = False
+        self._watch: asyncio.Task[None] | None = None
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    async def connect(self, socket_path: Path, timeout_s: float) -> None:
+        """Connect and negotiate, or fail within `timeout_s` (QEMU may die or hang first)."""
+        check_no_locks(f"QMP connect of {self.domain_name}")
+        try:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+            try:
+                with short_path(socket_path) as where:
+                    sock.connect(where)  # a local UNIX socket: connect does not block
+            except OSError:
+                sock.close()
+                raise
+            await asyncio.wait_for(self._client.connect(sock), timeout_s)
+        except TimeoutError:
+            await self.close()
+            raise MonitorTimeoutError(
+                f"domain '{self.domain_name}': QEMU monitor did not answer within "
+                f"{timeout_s:.1f} s") from None
+        except (QMPError, OSError, EOFError) as exc:
+            await self.close()
+            raise MonitorClosedError(
+                f"domain '{self.domain_name}': cannot connect to the QEMU monitor: "
+                f"{exc}") from exc
+        self._watch = asyncio.create_task(self._watch_connection(),
+                                          name=f"monitor-watch-{self.domain_name}")
+
+    async def _watch_connection(self) -> None:
+        """Report the loss of the connection once (QEMU exited or closed the monitor)."""
+        while self._client.runstate is Runstate.RUNNING:
+            await self._client.runstate_changed()
+        self._closed = True
+        if not self._lost_reported:
+            self._lost_reported = True
+            self._on_lost()
+
+    async def execute(self, command: str, arguments: dict[str, Any] | None = None,
+                      timeout_s: float | None = None) -> Any:
+        """Run one QMP command; MonitorTimeoutError after the timeout, never a hang."""
+        check_no_locks(f"QMP command '{command}' on {self.domain_name}")
+        if self._closed:
+            raise MonitorClosedError(
+                f"domain '{self.domain_name}': the QEMU monitor is closed ('{command}' not sent)")
+        timeout = self.default_timeout_s if timeout_s is None else timeout_s
+        try:
+            return await asyncio.wait_for(self._client.execute(command, arguments), timeout)
+        except TimeoutError:
+            raise MonitorTimeoutError(
+                f"domain '{self.domain_name}': QMP command '{command}' got no answer within "
+                f"{timeout:.1f} s") from None
+        except ExecuteError as exc:
+            raise MonitorError(
+                f"domain '{self.domain_name}': QEMU refused '{command}': "
+                f"{exc}") from exc
+        except (ExecInterruptedError, QMPError, OSError, EOFError) as exc:
+            self._closed = True
+            raise MonitorClosedError(
+                f"domain '{self.domain_name}': QEMU monitor closed while '{command}' "
+                "was running") from exc
+
+    async def execute_raw(self, message: dict[str, Any], timeout_s: float | None = None) -> Any:
+        """Pass one user-supplied QMP message through (qemu-monitor-command)."""
+        command = str(message.get("execute", "?"))
+        check_no_locks(f"QMP command '{command}' on {self.domain_name}")
+        if self._closed:
+            raise MonitorClosedError(f"domain '{self.domain_name}': the QEMU monitor is closed")
+        timeout = self.default_timeout_s if timeout_s is None else timeout_s
+        msg = Message({k: v for k, v in message.items() if k != "id"})
+        try:
+            return await asyncio.wait_for(self._client.execute_msg(msg), timeout)
+        except TimeoutError:
+            raise MonitorTimeoutError(
+                f"domain '{self.domain_name}': QMP command '{command}' got no answer within "
+                f"{timeout:.1f} s") from None
+        except ExecuteError as exc:
+            raise MonitorError(f"QEMU refused '{command}': {exc}") from exc
+        except (ExecInterruptedError, QMPError, OSError, EOFError) as exc:
+            raise MonitorClosedError(
+                f"domain '{self.domain_name}': QEMU monitor closed while '{command}' "
+                "was running") from exc
+
+    async def wait_lost(self, timeout_s: float) -> bool:
+        """Wait until the connection is gone (QEMU's last events have been read)."""
+        if self._watch is None:
+            return True
+        done, _ = await asyncio.wait({self._watch}, timeout=timeout_s)
+        return bool(done)
+
+    async def close(self) -> None:
+        """Close quietly: the library's disconnect() re-raises the root cause of a failure."""
+        self._closed = True
+        self._lost_reported = True  # an orderly close is not a loss
+        try:
+            await self._client.disconnect()
+        except Exception as exc:  # the original connection error, already handled
+            log.debug("domain '%s': monitor closed after error: %s", self.domain_name, exc)
+        if self._watch is not None and self._watch is not asyncio.current_task():
+            self._watch.cancel()

@@ -1,0 +1,142 @@
+"""QEMU processes: spawn in their own session, identify, signal and wait for exit.
+
+QEMU is started with plain `subprocess.Popen(start_new_session=True)`, not asyncio's subprocess
+transport: that transport kills its child when it is closed, and a guest must outlive the daemon.
+Exit is noticed through a pidfd watched by the event loop, which works for our children and,
+after a daemon restart, for processes we did not start; signals also go through the pidfd, so
+a reused pid can never receive a signal meant for a QEMU that is gone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import subprocess
+from collections.abc import Sequence
+from pathlib import Path
+
+from ..errors import ProcessError
+from ..locks import check_no_locks
+
+log = logging.getLogger(__name__)
+
+
+def proc_start_time(pid: int) -> int | None:
+    """The process start time (clock ticks since boot) from /proc; identifies a pid's owner."""
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_bytes()
+    except OSError:
+        return None
+    # Field 2 (comm) may contain spaces and parentheses: split after the last ')'.
+    rest = raw[raw.rindex(b")") + 2:].split()
+    return int(rest[19])  # field 22 overall
+
+
+def describe_status(status: int | None) -> str:
+    if status is None:
+        return "exited (status unknown: not our child)"
+    if status < 0:
+        try:
+            return f"killed by {signal.Signals(-status).name}"
+        except ValueError:
+            return f"killed by signal {-status}"
+    return f"exited with status {status}"
+
+
+class QemuProcess:
+    """One running QEMU. `exited` completes with its exit status when it is gone."""
+
+    def __init__(self, pid: int, popen: subprocess.Popen[bytes] | None) -> None:
+        self.pid = pid
+        self.popen = popen
+        self.start_time = proc_start_time(pid)
+        loop = asyncio.get_running_loop()
+        self.exited: asyncio.Future[int | None] = loop.create_future()
+        try:
+            self._pidfd: int | None = os.pidfd_open(pid)
+        except ProcessLookupError:
+            self._pidfd = None
+            self._reap()
+            return
+        loop.add_reader(self._pidfd, self._on_exit)
+
+    @classmethod
+    def spawn(cls, argv: Sequence[str], pass_fds: Sequence[int], log_path: Path,
+              cwd: Path) -> QemuProcess:
+        """Start QEMU in a new session (so it outlives us), stdout+stderr to the domain log."""
+        with open(log_path, "ab", buffering=0) as logf:
+            try:
+                popen = subprocess.Popen(
+                    list(argv), stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
+                    pass_fds=tuple(pass_fds), start_new_session=True, cwd=cwd, close_fds=True,
+                )
+            except OSError as exc:
+                raise ProcessError(f"cannot run {argv[0]}: {exc.strerror}") from exc
+        return cls(popen.pid, popen)
+
+    def _reap(self) -> None:
+        status: int | None = None
+        if self.popen is not None:
+            status = self.popen.poll()
+        if not self.exited.done():
+            self.exited.set_result(status)
+
+    def _on_exit(self) -> None:
+        """pidfd readable: the process has terminated."""
+        if self._pidfd is not None:
+            asyncio.get_running_loop().remove_reader(self._pidfd)
+            os.close(self._pidfd)
+            self._pidfd = None
+        self._reap()
+
+    @property
+    def alive(self) -> bool:
+        return not self.exited.done()
+
+    def signal(self, sig: int) -> bool:
+        """Send `sig` through the pidfd; False if the process is already gone."""
+        if self._pidfd is None:
+            return False
+        try:
+            signal.pidfd_send_signal(self._pidfd, sig)
+        except ProcessLookupError:
+            return False
+        return True
+
+    async def wait(self, timeout_s: float) -> bool:
+        """Wait up to `timeout_s` for exit (rule L4: never under a lock). True if it exited."""
+        check_no_locks(f"exit of QEMU pid {self.pid}")
+        if self.exited.done():
+            return True
+        try:
+            await asyncio.wait_for(asyncio.shield(self.exited), timeout_s)
+        except TimeoutError:
+            return False
+        return True
+
+    async def terminate(self, grace_s: float, kill_timeout_s: float) -> None:
+        """SIGTERM (with SIGCONT, so a stopped QEMU acts on it), then SIGKILL after the grace."""
+        if not self.alive:
+            return
+        self.signal(signal.SIGTERM)
+        self.signal(signal.SIGCONT)
+        if grace_s > 0 and await self.wait(grace_s):
+            return
+        log.warning("QEMU pid %d still alive %.1f s after SIGTERM: sending SIGKILL",
+                    self.pid, grace_s)
+        self.signal(signal.SIGKILL)
+        if not await self.wait(kill_timeout_s):
+            raise ProcessError(f"QEMU pid {self.pid} did not exit {kill_timeout_s:.1f} s "
+                               "after SIGKILL (stuck in the kernel?)")
+
+    def close(self) -> None:
+        """Stop watching (daemon shutdown): the process itself keeps running."""
+        if self._pidfd is not None:
+            try:
+                asyncio.get_running_loop().remove_reader(self._pidfd)
+            except RuntimeError:
+                pass
+            os.close(self._pidfd)
+            self._pidfd = None
