@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Install what qvirtd and its tests need from Debian, if it is missing: QEMU, qemu-img, and
+# python3-venv (Debian's python3 cannot make a virtualenv without it). Runs apt-get update
+# once, only when something has to be installed. Needs root for that.
+set -euo pipefail
+
+need=()
+command -v qemu-system-x86_64 >/dev/null 2>&1 || need+=(qemu-system-x86)
+command -v qemu-img >/dev/null 2>&1 || need+=(qemu-utils)
+command -v dpkg-deb >/dev/null 2>&1 || need+=(dpkg)
+"${PYTHON:-python3}" -c 'import venv, ensurepip' >/dev/null 2>&1 || need+=(python3-venv)
+
+if [ ${#need[@]} -eq 0 ]; then
+    exit 0
+fi
+if [ "$(id -u)" -ne 0 ]; then
+    echo "install-host-deps: missing ${need[*]}; run as root or install them with apt-get" >&2
+    exit 1
+fi
+echo "install-host-deps: installing ${need[*]}" >&2
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -q
+apt-get install -y -q --no-install-recommends "${need[@]}"

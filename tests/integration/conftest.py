@@ -1,0 +1,39 @@
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from build_guest import GuestImage, ensure_guest
+from harness import Daemon
+
+
+@pytest.fixture(scope="session")
+def guest() -> GuestImage:
+    """The tiny Linux test guest (built from Debian packages once, then cached)."""
+    return ensure_guest()
+
+
+@pytest.fixture
+def daemon_factory() -> Iterator[Callable[..., Daemon]]:
+    made: list[Daemon] = []
+
+    def make(settings: dict[str, Any] | None = None, start: bool = True) -> Daemon:
+        d = Daemon(settings)
+        made.append(d)
+        return d.start() if start else d
+
+    yield make
+    try:
+        for d in made:
+            # The instrumented run: no QMP command or process wait under a lock, ever.
+            if d.proc is not None and d.proc.poll() is None:
+                assert d.lock_violations() == 0, d.log_text()
+    finally:
+        for d in made:
+            d.cleanup()
+
+
+@pytest.fixture
+def daemon(daemon_factory: Callable[..., Daemon]) -> Daemon:
+    return daemon_factory()

@@ -1,0 +1,184 @@
+"""A real qvirtd under a private --root, driven through its socket and the qvirsh CLI.
+
+Every daemon gets a short root in /tmp. On teardown the harness stops the daemon and then
+kills, by pid, every QEMU whose command line names that root, so no test leaves a guest,
+a socket or a process behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from qvirtd.client import Client
+
+TEST_SETTINGS: dict[str, Any] = {
+    "lock_check": True,  # every integration test is an instrumented run (rule L4)
+    "job_wait_timeout_s": 10.0,
+    "monitor_timeout_s": 10.0,
+    "destroy_grace_s": 2.0,
+    "log_level": "debug",
+}
+
+
+def wait_for(predicate: Callable[[], Any], timeout_s: float, what: str,
+             interval_s: float = 0.1) -> Any:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+        time.sleep(interval_s)
+
+
+def pids_mentioning(text: str) -> list[int]:
+    """Processes whose command line contains `text` (our QEMUs name their root in it)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if text.encode() in cmdline and b"qemu-system" in cmdline:
+            found.append(int(entry))
+    return found
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2] != "Z"
+
+
+class Daemon:
+    def __init__(self, settings: dict[str, Any] | None = None) -> None:
+        self.root = Path(tempfile.mkdtemp(prefix="qv-", dir="/tmp"))
+        self.settings = {**TEST_SETTINGS, **(settings or {})}
+        self.socket = self.root / "run" / "qvirtd.sock"
+        self.log = self.root / "daemon.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def write_config(self) -> None:
+        lines = []
+        for key, value in self.settings.items():
+            lines.append(f"{key} = {json.dumps(value)}")
+        (self.root / "qvirtd.toml").write_text("\n".join(lines) + "\n")
+
+    def start(self) -> Daemon:
+        self.write_config()
+        with open(self.log, "ab") as logf:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "qvirtd", "--root", str(self.root)],
+                stdout=logf, stderr=logf, stdin=subprocess.DEVNULL)
+        wait_for(self._listening, 15, f"qvirtd to listen (log: {self.log_text()})")
+        return self
+
+    def _listening(self) -> bool:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise AssertionError(f"qvirtd exited: {self.log_text()}")
+        s = socket.socket(socket.AF_UNIX)
+        try:
+            s.connect(str(self.socket))
+        except OSError:
+            return False
+        finally:
+            s.close()
+        return True
+
+    def log_text(self) -> str:
+        try:
+            return self.log.read_text(errors="replace")[-4000:]
+        except OSError:
+            return ""
+
+    def qvirsh(self, *args: str, check: bool = True,
+               timeout_s: float = 120) -> subprocess.CompletedProcess[str]:
+        res = subprocess.run([sys.executable, "-m", "qvirtd.cli", "--socket", str(self.socket),
+                              *args], capture_output=True, text=True, timeout=timeout_s)
+        if check and res.returncode != 0:
+            raise AssertionError(f"qvirsh {' '.join(args)} failed ({res.returncode}): "
+                                 f"{res.stderr.strip()}")
+        return res
+
+    def json(self, *args: str) -> Any:
+        return json.loads(self.qvirsh(*args, "--json").stdout)
+
+    def define(self, definition: dict[str, Any]) -> None:
+        path = self.root / f"{definition['name']}.def.json"
+        path.write_text(json.dumps(definition))
+        self.qvirsh("define", str(path))
+
+    def state(self, name: str) -> tuple[str, str]:
+        info = self.json("dominfo", name)
+        return info["state"], info["reason"]
+
+    def wait_state(self, name: str, state: str, timeout_s: float = 30) -> dict[str, Any]:
+        def check() -> dict[str, Any] | None:
+            info = self.json("dominfo", name)
+            return info if info["state"] == state else None
+        return wait_for(check, timeout_s, f"domain {name} to be {state}")
+
+    def console(self, name: str) -> str:
+        return str(self.json("console-log", name)["text"]).replace("\r", "")
+
+    def wait_console(self, name: str, text: str, count: int = 1,
+                     timeout_s: float = 60) -> None:
+        wait_for(lambda: self.console(name).count(text) >= count, timeout_s,
+                 f"{count}x {text!r} on the console of {name}", interval_s=0.25)
+
+    async def client(self) -> Client:
+        return await Client.connect(self.socket)
+
+    def qemu_pids(self) -> list[int]:
+        return [p for p in pids_mentioning(str(self.root)) if pid_alive(p)]
+
+    def stop(self, sig: int = signal.SIGTERM) -> int | None:
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else None
+        self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait(5)
+
+    def lock_violations(self) -> int:
+        stats = json.loads(self.qvirsh("daemon-stats").stdout)
+        return int(stats["lock_violations"])
+
+    def cleanup(self) -> None:
+        self.stop()
+        for pid in pids_mentioning(str(self.root)):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                continue
+        wait_for(lambda: not self.qemu_pids(), 10, "test QEMUs to exit")
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+def guest_definition(image: Any, name: str = "guest", **extra: Any) -> dict[str, Any]:
+    return {"name": name, "memory_mib": 128, "vcpus": 1, "accel": "tcg",
+            "boot": {"kernel": str(image.kernel), "initrd": str(image.initrd),
+                     "cmdline": image.cmdline}, **extra}
+
+
+def tiny_definition(name: str, **extra: Any) -> dict[str, Any]:
+    return {"name": name, "memory_mib": 64, "vcpus": 1, **extra}
