@@ -45,7 +45,9 @@ class Settings(BaseModel):
     @field_validator("socket_mode", mode="before")
     @classmethod
     def _octal_mode(cls, value: object) -> object:
-        """Accept "0600" (a string, read as octal) as well as an integer."""
+        """Accept "0600" (a string, read as octal) as well as an integer; never a boolean."""
+        if isinstance(value, bool):
+            raise ValueError("must be an octal string such as \"0600\" or an integer")
         if isinstance(value, str):
             try:
                 return int(value, 8)

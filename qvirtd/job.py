@@ -85,7 +85,11 @@ class JobCondition:
             try:
                 if remaining <= 0:
                     raise TimeoutError
-                await asyncio.wait_for(self._cond.wait(), remaining)
+                # asyncio.timeout, not wait_for: on 3.11 wait_for runs the wait in a helper
+                # task, which would re-acquire the domain lock there and leave the lock
+                # recorded against the wrong task (breaking the L4 check).
+                async with asyncio.timeout(remaining):
+                    await self._cond.wait()
             except TimeoutError:
                 blocker = self._blocker(kind)
                 holder = blocker.describe() if blocker else "another job"

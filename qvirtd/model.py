@@ -25,7 +25,8 @@ from pydantic import (
 # A domain or device name ends up in file names, QEMU ids and command-line options: keep it to a
 # character set that is safe in all of them (no comma, no slash, no leading dot or dash).
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$"
-DEVICE_ID_PATTERN = r"^[A-Za-z][A-Za-z0-9_-]{0,31}$"
+# QEMU limits block node names to 31 characters; ours are "file-<id>" and "fmt-<id>".
+DEVICE_ID_PATTERN = r"^[A-Za-z][A-Za-z0-9_-]{0,25}$"
 MAC_PATTERN = r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$"
 
 MAX_MEMORY_MIB = 1024 * 1024

@@ -50,10 +50,20 @@ def root_port_id(index: int) -> str:
     return f"rp{index}"
 
 
+FIRST_ROOT_PORT_SLOT = 2  # pcie.0 slot 0 is the host bridge; keep 1 free (display)
+
+
 def root_port_device(index: int) -> dict[str, Any]:
-    # chassis/slot must be unique per port; QEMU picks the PCI address on pcie.0.
-    return {"driver": "pcie-root-port", "id": root_port_id(index), "bus": "pcie.0",
-            "chassis": index + 1, "slot": index + 1}
+    """Root port `index` as one function of a multifunction slot on pcie.0, 8 per slot (as
+    libvirt does): pcie.0 has only ~30 free slots, so one slot per port would run out."""
+    slot = FIRST_ROOT_PORT_SLOT + index // 8
+    function = index % 8
+    dev: dict[str, Any] = {"driver": "pcie-root-port", "id": root_port_id(index),
+                           "bus": "pcie.0", "chassis": index + 1, "port": index + 1,
+                           "addr": f"{slot:#x}.{function}"}
+    if function == 0:
+        dev["multifunction"] = True
+    return dev
 
 
 def disk_blockdevs(disk: DiskDef) -> list[dict[str, Any]]:

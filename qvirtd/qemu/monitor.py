@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -115,44 +115,38 @@ class Monitor:
     async def execute(self, command: str, arguments: dict[str, Any] | None = None,
                       timeout_s: float | None = None) -> Any:
         """Run one QMP command; MonitorTimeoutError after the timeout, never a hang."""
-        check_no_locks(f"QMP command '{command}' on {self.domain_name}")
-        if self._closed:
-            raise MonitorClosedError(
-                f"domain '{self.domain_name}': the QEMU monitor is closed ('{command}' not sent)")
+        return await self._bounded(command, self._client.execute(command, arguments),
+                                   timeout_s)
+
+    async def execute_raw(self, message: dict[str, Any], timeout_s: float | None = None) -> Any:
+        """Pass one user-supplied QMP message through (qemu-monitor-command)."""
+        msg = Message({k: v for k, v in message.items() if k != "id"})
+        return await self._bounded(str(message.get("execute", "?")),
+                                   self._client.execute_msg(msg), timeout_s)
+
+    async def _bounded(self, command: str, call: Coroutine[Any, Any, Any],
+                       timeout_s: float | None) -> Any:
+        """Await `call` under the timeout; map the library's errors to ours (rule L4 first)."""
+        try:
+            check_no_locks(f"QMP command '{command}' on {self.domain_name}")
+            if self._closed:
+                raise MonitorClosedError(f"domain '{self.domain_name}': the QEMU monitor is "
+                                         f"closed ('{command}' not sent)")
+        except BaseException:
+            call.close()  # never awaited: close it so Python does not warn
+            raise
         timeout = self.default_timeout_s if timeout_s is None else timeout_s
         try:
-            return await asyncio.wait_for(self._client.execute(command, arguments), timeout)
+            return await asyncio.wait_for(call, timeout)
         except TimeoutError:
             raise MonitorTimeoutError(
                 f"domain '{self.domain_name}': QMP command '{command}' got no answer within "
                 f"{timeout:.1f} s") from None
         except ExecuteError as exc:
             raise MonitorError(
-                f"domain '{self.domain_name}': QEMU refused '{command}': "
-                f"{exc}") from exc
+                f"domain '{self.domain_name}': QEMU refused '{command}': {exc}") from exc
         except (ExecInterruptedError, QMPError, OSError, EOFError) as exc:
             self._closed = True
-            raise MonitorClosedError(
-                f"domain '{self.domain_name}': QEMU monitor closed while '{command}' "
-                "was running") from exc
-
-    async def execute_raw(self, message: dict[str, Any], timeout_s: float | None = None) -> Any:
-        """Pass one user-supplied QMP message through (qemu-monitor-command)."""
-        command = str(message.get("execute", "?"))
-        check_no_locks(f"QMP command '{command}' on {self.domain_name}")
-        if self._closed:
-            raise MonitorClosedError(f"domain '{self.domain_name}': the QEMU monitor is closed")
-        timeout = self.default_timeout_s if timeout_s is None else timeout_s
-        msg = Message({k: v for k, v in message.items() if k != "id"})
-        try:
-            return await asyncio.wait_for(self._client.execute_msg(msg), timeout)
-        except TimeoutError:
-            raise MonitorTimeoutError(
-                f"domain '{self.domain_name}': QMP command '{command}' got no answer within "
-                f"{timeout:.1f} s") from None
-        except ExecuteError as exc:
-            raise MonitorError(f"QEMU refused '{command}': {exc}") from exc
-        except (ExecInterruptedError, QMPError, OSError, EOFError) as exc:
             raise MonitorClosedError(
                 f"domain '{self.domain_name}': QEMU monitor closed while '{command}' "
                 "was running") from exc

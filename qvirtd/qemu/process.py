@@ -34,6 +34,15 @@ def proc_start_time(pid: int) -> int | None:
     return int(rest[19])  # field 22 overall
 
 
+def proc_state(pid: int) -> str | None:
+    """The one-letter process state from /proc (R, S, D, T for stopped, Z, ...)."""
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_bytes()
+    except OSError:
+        return None
+    return raw[raw.rindex(b")") + 2:][:1].decode()
+
+
 def describe_status(status: int | None) -> str:
     if status is None:
         return "exited (status unknown: not our child)"
@@ -117,15 +126,22 @@ class QemuProcess:
         return True
 
     async def terminate(self, grace_s: float, kill_timeout_s: float) -> None:
-        """SIGTERM (with SIGCONT, so a stopped QEMU acts on it), then SIGKILL after the grace."""
+        """SIGTERM, then SIGKILL after the grace time.
+
+        A stopped QEMU (SIGSTOP, or a debugger) cannot act on SIGTERM, and continuing it
+        would let it run on (answer commands, write disks) just before it dies: it gets
+        SIGKILL at once.
+        """
         if not self.alive:
             return
-        self.signal(signal.SIGTERM)
-        self.signal(signal.SIGCONT)
-        if grace_s > 0 and await self.wait(grace_s):
-            return
-        log.warning("QEMU pid %d still alive %.1f s after SIGTERM: sending SIGKILL",
-                    self.pid, grace_s)
+        if proc_state(self.pid) in ("T", "t"):
+            log.warning("QEMU pid %d is stopped: sending SIGKILL", self.pid)
+        else:
+            self.signal(signal.SIGTERM)
+            if grace_s > 0 and await self.wait(grace_s):
+                return
+            log.warning("QEMU pid %d still alive %.1f s after SIGTERM: sending SIGKILL",
+                        self.pid, grace_s)
         self.signal(signal.SIGKILL)
         if not await self.wait(kill_timeout_s):
             raise ProcessError(f"QEMU pid {self.pid} did not exit {kill_timeout_s:.1f} s "

@@ -18,8 +18,9 @@ def guest() -> GuestImage:
 def daemon_factory() -> Iterator[Callable[..., Daemon]]:
     made: list[Daemon] = []
 
-    def make(settings: dict[str, Any] | None = None, start: bool = True) -> Daemon:
-        d = Daemon(settings)
+    def make(settings: dict[str, Any] | None = None, start: bool = True,
+             **kwargs: Any) -> Daemon:
+        d = Daemon(settings, **kwargs)
         made.append(d)
         return d.start() if start else d
 

@@ -67,8 +67,10 @@ def pid_alive(pid: int) -> bool:
 
 
 class Daemon:
-    def __init__(self, settings: dict[str, Any] | None = None) -> None:
-        self.root = Path(tempfile.mkdtemp(prefix="qv-", dir="/tmp"))
+    def __init__(self, settings: dict[str, Any] | None = None, prefix: str = "qv-",
+                 env: dict[str, str] | None = None) -> None:
+        self.root = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+        self.env = {**os.environ, **(env or {})}
         self.settings = {**TEST_SETTINGS, **(settings or {})}
         self.socket = self.root / "run" / "qvirtd.sock"
         self.log = self.root / "daemon.log"
@@ -85,7 +87,7 @@ class Daemon:
         with open(self.log, "ab") as logf:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "qvirtd", "--root", str(self.root)],
-                stdout=logf, stderr=logf, stdin=subprocess.DEVNULL)
+                stdout=logf, stderr=logf, stdin=subprocess.DEVNULL, env=self.env)
         wait_for(self._listening, 15, f"qvirtd to listen (log: {self.log_text()})")
         return self
 

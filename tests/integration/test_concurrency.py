@@ -52,3 +52,15 @@ def test_undefine_running_domain_becomes_transient(daemon: Daemon) -> None:
     res = daemon.qvirsh("dominfo", "trans", check=False)
     assert res.returncode == 1 and "not found" in res.stderr
     assert daemon.json("list", "--all") == []
+
+
+async def test_a_client_that_disconnects_does_not_cancel_its_operation(daemon: Daemon) -> None:
+    daemon.define(tiny_definition("orphan"))
+    client = await daemon.client()
+    call = asyncio.create_task(client.call("start", {"name": "orphan"}))
+    await asyncio.sleep(0.02)  # the request is in; the start is under way
+    await client.close()
+    call.cancel()
+    info = await asyncio.to_thread(daemon.wait_state, "orphan", "running", 30)
+    assert info["pid"] is not None
+    daemon.qvirsh("destroy", "orphan")

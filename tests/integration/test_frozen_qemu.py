@@ -120,3 +120,23 @@ def test_qemu_killed_from_outside_is_crashed(daemon: Daemon) -> None:
     assert info["reason"] == "crashed" and info["pid"] is None
     daemon.qvirsh("start", "victim")  # and it can start again
     daemon.qvirsh("destroy", "victim")
+
+
+async def test_qemu_dying_mid_command_leaves_it_crashed(daemon_factory) -> None:  # type: ignore[no-untyped-def]
+    daemon: Daemon = daemon_factory({"monitor_timeout_s": 30.0})
+    daemon.define(tiny_definition("dies"))
+    daemon.qvirsh("start", "dies")
+    pid = daemon.json("dominfo", "dies")["pid"]
+    os.kill(pid, signal.SIGSTOP)  # so the command is surely in flight when QEMU dies
+    client = await daemon.client()
+    try:
+        pending = asyncio.create_task(client.call("suspend", {"name": "dies"}))
+        await asyncio.sleep(0.5)
+        os.kill(pid, signal.SIGKILL)
+        with pytest.raises(RpcError) as err:
+            await asyncio.wait_for(pending, 10)
+        assert err.value.kind == "domain-gone" and "crashed while" in str(err.value)
+        info = await client.call("dominfo", {"name": "dies"})
+        assert (info["state"], info["reason"]) == ("shutoff", "crashed")
+    finally:
+        await client.close()
