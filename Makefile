@@ -29,7 +29,7 @@ demo: setup
 	$(PY) scripts/demo.py
 
 lint: venv
-	$(VENV)/bin/ruff check qvirtd tests scripts benchmarks
+	$(VENV)/bin/ruff check qvirtd tests scripts $(wildcard benchmarks)
 
 typecheck: venv
 	$(VENV)/bin/mypy

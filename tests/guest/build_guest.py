@@ -102,6 +102,7 @@ BLOCK_SIZE_UNIT = 512
 #: ``ahci`` in the cloud kernel) are skipped and listed in ``manifest.json``.
 WANTED_MODULES: tuple[str, ...] = (
     "evdev",  # /dev/input/event* for busybox acpid
+    "pvpanic_mmio",  # QEMU's ISA pvpanic device (ACPI QEMU0001): guest panics reach QEMU
     "button",  # ACPI power button -> KEY_POWER input event
     "virtio_pci",
     "virtio_blk",
