@@ -45,3 +45,6 @@ test: setup lint typecheck
 
 clean:
 	rm -rf $(VENV) build *.egg-info .mypy_cache .ruff_cache .pytest_cache
+
+bench: setup
+	$(PY) benchmarks/bench_events.py

@@ -100,7 +100,8 @@ class Daemon:
                             await conn.send({"jsonrpc": "2.0", "method": "event-overflow",
                                              "params": {"last_seq": self.ctx.bus.last_seq}})
                         return
-                    await conn.send({"jsonrpc": "2.0", "method": "event", "params": ev.wire()})
+                    batch = [ev, *sub.take_ready()]
+                    await conn.send_line(b"".join(e.notification() for e in batch))
             finally:
                 sub.close()
 

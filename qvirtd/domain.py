@@ -49,7 +49,10 @@ class Domain:
         self.saw_shutdown = False
         self.fake_reboot = False
         self.removed = False
-        self.qmp_events: asyncio.Queue[tuple[str, dict[str, Any]]] = asyncio.Queue()
+        # Why the next STOP from QEMU happens, when we know (user, ioerror, watchdog).
+        self.pause_hint: Reason | None = None
+        self.balloon_actual_bytes: int | None = None
+        self.last_reset_at = float("-inf")  # monotonic time of QEMU's last RESET event
         self.event_pump: asyncio.Task[None] | None = None
 
     @property

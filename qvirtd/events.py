@@ -18,6 +18,7 @@ import asyncio
 import collections
 import datetime
 import itertools
+import json
 import logging
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -43,9 +44,24 @@ class Event(BaseModel):
     type: str | None = None
     detail: str | None = None
     data: dict[str, Any] | None = None
+    # For events caused by a QMP event: when QEMU emitted it (ISO 8601), for latency figures.
+    qemu_time: str | None = None
+
+    def notification(self) -> bytes:
+        """The `event` notification line, encoded once however many subscribers get it."""
+        cached: bytes | None = self.__dict__.get("_notification")
+        if cached is None:
+            cached = json.dumps({"jsonrpc": "2.0", "method": "event", "params": self.wire()},
+                                separators=(",", ":")).encode() + b"\n"
+            self.__dict__["_notification"] = cached
+        return cached
 
     def wire(self) -> dict[str, Any]:
-        return self.model_dump(mode="json", exclude_none=True)
+        """The contract's event object: optional fields left out when empty, but the domain
+        always carries name, uuid and id (null when the domain is not running)."""
+        out = self.model_dump(mode="json", exclude_none=True)
+        out["domain"] = self.domain.model_dump(mode="json")
+        return out
 
 
 class Subscription:
@@ -102,6 +118,12 @@ class Subscription:
             await self.ready.wait()
         return self.queue.popleft()
 
+    def take_ready(self) -> list[Event]:
+        """Everything already queued, at once (a writer sends it in one go)."""
+        ready = list(self.queue)
+        self.queue.clear()
+        return ready
+
     def close(self) -> None:
         self.bus.unsubscribe(self)
 
@@ -129,7 +151,7 @@ class EventBus:
 
     def push(self, event: str, name: str, uuid: str, dom_id: int | None,
              type: str | None = None, detail: str | None = None,
-             data: dict[str, Any] | None = None) -> Event:
+             data: dict[str, Any] | None = None, qemu_time: float | None = None) -> Event:
         """Queue an event where it happens (under the domain lock is fine: no await, no I/O)."""
         seq = next(self._seq)
         self.last_seq = seq
@@ -138,6 +160,8 @@ class EventBus:
             time=datetime.datetime.now(datetime.UTC).isoformat(timespec="microseconds"),
             domain=EventDomain(name=name, uuid=uuid, id=dom_id),
             event=event, type=type, detail=detail, data=data,
+            qemu_time=None if qemu_time is None else datetime.datetime.fromtimestamp(
+                qemu_time, datetime.UTC).isoformat(timespec="microseconds"),
         )
         self._pending.append(ev)
         self._replay.append(ev)

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Coroutine
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Coroutine, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from typing import Any
 
 from ..config import Layout, Settings
@@ -40,6 +40,7 @@ class Context:
                             settings.event_replay_buffer)
         self.store = DefinitionStore(layout.definitions_dir, layout.autostart_dir)
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._qemu_time: float | None = None
 
     def spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
         """Run `coro` as a task the daemon keeps a reference to (and logs if it fails)."""
@@ -118,7 +119,17 @@ class Context:
     def emit(self, dom: Domain, event: str, type: str | None = None, detail: str | None = None,
              data: dict[str, Any] | None = None) -> None:
         """Queue an event (E1: pushed where it happens, under the domain lock)."""
-        self.bus.push(event, dom.name, dom.uuid, dom.id, type, detail, data)
+        self.bus.push(event, dom.name, dom.uuid, dom.id, type, detail, data, self._qemu_time)
+
+    @contextmanager
+    def events_from_qemu(self, qemu_time: float | None) -> Iterator[None]:
+        """Events emitted inside carry the QMP event's timestamp. Synchronous on purpose: no
+        other task can emit between entry and exit, so the stamp cannot leak to them."""
+        self._qemu_time = qemu_time
+        try:
+            yield
+        finally:
+            self._qemu_time = None
 
     def set_state(self, dom: Domain, state: DomainState, reason: Reason,
                   event: tuple[str, str] | None = None) -> None:

@@ -168,23 +168,8 @@ class Lifecycle:
     # --- start and stop ------------------------------------------------------------------
 
     async def start(self, ident: str, paused: bool, owner: str) -> dict[str, Any]:
-        ctx = self.ctx
-        dom = await ctx.lookup(ident)
-        async with ctx.job(dom, JobKind.ASYNC, owner):
-            async with dom.lock:  # L3
-                if dom.active:
-                    raise InvalidOperationError(f"domain '{dom.name}' is already running")
-                if dom.persistent_def is None:
-                    raise NoDomainError(f"domain '{dom.name}' is no longer defined")
-                definition = dom.persistent_def
-                dom.generation += 1
-                generation = dom.generation
-                dom.starting = True
-            try:
-                await self.runtime.launch(dom, generation, definition, paused)
-            finally:
-                async with dom.lock:  # L3
-                    dom.starting = False
+        dom = await self.ctx.lookup(ident)
+        await self.runtime.start(dom, paused, owner)
         return await self.dominfo(dom.uuid)
 
     async def destroy(self, ident: str, owner: str) -> dict[str, Any]:
@@ -246,6 +231,8 @@ class Lifecycle:
         async with ctx.job(dom, JobKind.MODIFY, owner):
             async with dom.lock:  # L3
                 generation = ctx.running_generation(dom)
+                if command == "stop":
+                    dom.pause_hint = Reason.USER  # the STOP event QEMU sends is ours
             await ctx.qmp(dom, generation, command, what=owner.split(" ")[0])
             async with dom.lock:  # L5
                 ctx.ensure_current(dom, generation, command)

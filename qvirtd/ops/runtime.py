@@ -24,19 +24,24 @@ from pathlib import Path
 from typing import Any
 
 from ..domain import Domain
-from ..errors import QvirtError
+from ..errors import InvalidOperationError, NoDomainError, QvirtError
 from ..job import JobKind
 from ..model import Accel, DomainDef, DomainState, LifecycleAction, Reason
 from ..qemu.argv import LaunchPaths, build_argv
 from ..qemu.monitor import Monitor
 from ..qemu.process import QemuProcess, describe_status
 from ..qemu.unixpath import short_path
+from . import qmp_events
 from .context import Context
+from .qmp_events import FollowUpKind
 
 log = logging.getLogger(__name__)
 
 KVM_GET_API_VERSION = 0xAE00
 _BARRIER = "__qvirtd_barrier__"
+
+# One run's QMP events on their way to the pump: (name, data, QEMU's timestamp).
+QmpQueue = asyncio.Queue[tuple[str, dict[str, Any], float | None]]
 
 
 def kvm_usable() -> bool:
@@ -88,6 +93,25 @@ class Runtime:
 
     # --- launch --------------------------------------------------------------------------
 
+    async def start(self, dom: Domain, paused: bool, owner: str) -> None:
+        """Start a new run of `dom` under an async job (queries and destroy may go on)."""
+        ctx = self.ctx
+        async with ctx.job(dom, JobKind.ASYNC, owner):
+            async with dom.lock:  # L3
+                if dom.active:
+                    raise InvalidOperationError(f"domain '{dom.name}' is already running")
+                if dom.persistent_def is None:
+                    raise NoDomainError(f"domain '{dom.name}' is no longer defined")
+                definition = dom.persistent_def
+                dom.generation += 1
+                generation = dom.generation
+                dom.starting = True
+            try:
+                await self.launch(dom, generation, definition, paused)
+            finally:
+                async with dom.lock:  # L3
+                    dom.starting = False
+
     async def launch(self, dom: Domain, generation: int, definition: DomainDef,
                      paused: bool) -> None:
         """Start QEMU for `dom` (caller holds the async job) and bring it to running/paused."""
@@ -114,7 +138,7 @@ class Runtime:
                 stamp = time.strftime("%Y-%m-%d %H:%M:%S")
                 logf.write(f"{stamp} starting domain {dom.name}: {argv!r}\n".encode())
                 log_offset = logf.tell()
-            queue: asyncio.Queue[tuple[str, dict[str, Any]]] = asyncio.Queue()
+            queue: QmpQueue = asyncio.Queue()
             async with dom.lock:  # L3: publish the new run atomically (spawn is not awaited)
                 process = QemuProcess.spawn(argv, [listener.fileno()], log_path, run_dir)
                 dom.process = process
@@ -126,7 +150,6 @@ class Runtime:
                 dom.saw_shutdown = False
                 dom.fake_reboot = False
                 dom.run_ended = asyncio.Event()
-                dom.qmp_events = queue
                 dom.monitor = Monitor(dom.name, partial(self._queue_qmp_event, queue),
                                       partial(self._monitor_lost, dom, generation),
                                       settings.monitor_timeout_s)
@@ -183,15 +206,14 @@ class Runtime:
             log.error("domain %s: QEMU exited but the run was not cleaned up in time", dom.name)
 
     async def _watch_process(self, dom: Domain, generation: int, process: QemuProcess,
-                             monitor: Monitor,
-                             queue: asyncio.Queue[tuple[str, dict[str, Any]]]) -> None:
+                             monitor: Monitor, queue: QmpQueue) -> None:
         """Wait for QEMU to exit, let its last events be handled, then shut the domain off."""
         status = await process.exited
         log.info("domain %s: QEMU pid %d %s", dom.name, process.pid, describe_status(status))
         # QEMU's SHUTDOWN event may still sit unread in the monitor socket: read it first.
         await monitor.wait_lost(1.0)
         barrier: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        queue.put_nowait((_BARRIER, {"future": barrier}))
+        queue.put_nowait((_BARRIER, {"future": barrier}, None))
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(asyncio.shield(barrier), 1.0)
         await self.stopped(dom, generation)
@@ -210,6 +232,8 @@ class Runtime:
                 reason = Reason.CRASHED
             old_id = dom.id
             monitor, pump, process = dom.monitor, dom.event_pump, dom.process
+            restart = (reason is Reason.CRASHED and dom.persistent
+                       and dom.definition.on_crash is LifecycleAction.RESTART)
             ctx.set_state(dom, DomainState.SHUTOFF, reason,
                           ("stopped", _STOP_DETAIL.get(reason, "shutdown")))
             dom.process = None
@@ -235,6 +259,16 @@ class Runtime:
             # No await between the check and the removal: nothing can redefine it meanwhile.
             if dom.persistent_def is None and not dom.active:
                 ctx.table.remove(dom)
+        if restart:
+            log.warning("domain %s: QEMU crashed; on_crash is restart: starting it again",
+                        dom.name)
+            ctx.spawn(self._restart_after_crash(dom), f"on-crash-restart-{dom.name}")
+
+    async def _restart_after_crash(self, dom: Domain) -> None:
+        try:
+            await self.start(dom, False, "on_crash restart")
+        except QvirtError as exc:
+            log.error("domain %s: restart after crash failed: %s", dom.name, exc)
 
     def _monitor_lost(self, dom: Domain, generation: int) -> None:
         """Monitor EOF. Normally QEMU is exiting; if it lingers without a monitor, kill it."""
@@ -248,80 +282,47 @@ class Runtime:
         if await process.wait(self.ctx.settings.destroy_grace_s + 2.0):
             return
         log.warning("domain %s: QEMU closed its monitor but did not exit: killing it", dom.name)
+        async with dom.lock:  # L3
+            if not dom.is_current(generation):
+                return
+            self.ctx.emit(dom, "control-error", data={"error": "QEMU closed its monitor"})
         await self.kill(dom, generation)
 
     # --- QMP events ----------------------------------------------------------------------
 
     @staticmethod
-    def _queue_qmp_event(queue: asyncio.Queue[tuple[str, dict[str, Any]]], name: str,
-                         data: dict[str, Any]) -> None:
-        queue.put_nowait((name, data))
+    def _queue_qmp_event(queue: QmpQueue, name: str, data: dict[str, Any],
+                         qemu_time: float | None) -> None:
+        queue.put_nowait((name, data, qemu_time))
 
-    async def _pump(self, dom: Domain, generation: int,
-                    queue: asyncio.Queue[tuple[str, dict[str, Any]]]) -> None:
+    async def _pump(self, dom: Domain, generation: int, queue: QmpQueue) -> None:
         """Apply this run's QMP events in order, one at a time."""
         while True:
-            name, data = await queue.get()
+            name, data, qemu_time = await queue.get()
             if name == _BARRIER:
                 data["future"].set_result(None)
                 continue
             try:
-                await self._on_qmp_event(dom, generation, name, data)
+                await self._on_qmp_event(dom, generation, name, data, qemu_time)
             except Exception:
                 log.exception("domain %s: handling QMP event %s failed", dom.name, name)
 
     async def _on_qmp_event(self, dom: Domain, generation: int, name: str,
-                            data: dict[str, Any]) -> None:
+                            data: dict[str, Any], qemu_time: float | None) -> None:
         ctx = self.ctx
         async with dom.lock:  # L3: state and events only; monitor work goes to a job task
             if not dom.is_current(generation):
                 return
             log.debug("domain %s: QMP event %s %s", dom.name, name, data)
-            definition = dom.definition
-            if name == "SHUTDOWN":
-                dom.saw_shutdown = True
-                guest = bool(data.get("guest"))
-                qemu_reason = str(data.get("reason", ""))
-                action: LifecycleAction | None
-                if dom.fake_reboot and guest:
-                    action = LifecycleAction.RESTART
-                elif qemu_reason == "guest-reset":
-                    action = definition.on_reboot
-                elif qemu_reason == "guest-panic":
-                    action = definition.on_crash
-                elif guest:
-                    action = definition.on_poweroff
-                else:
-                    action = None  # the host asked QEMU to quit: it is exiting
-                ctx.set_state(dom, DomainState.SHUTDOWN, Reason.USER if not guest
-                              else Reason.SHUTDOWN, ("shutdown", "finished"))
-                if action is LifecycleAction.RESTART:
-                    ctx.spawn(self._restart_in_place(dom, generation, "reboot"),
-                              f"fake-reboot-{dom.name}")
-                elif action is LifecycleAction.DESTROY:
-                    dom.stop_reason = Reason.SHUTDOWN
-                    ctx.spawn(self.kill(dom, generation), f"poweroff-{dom.name}")
-                elif action is LifecycleAction.PRESERVE:
-                    ctx.set_state(dom, DomainState.PAUSED, Reason.SHUTDOWN)
-            elif name == "STOP":
-                if dom.state is DomainState.RUNNING:
-                    ctx.set_state(dom, DomainState.PAUSED, Reason.USER,
-                                  ("suspended", "paused"))
-            elif name == "RESUME":
-                if dom.state is DomainState.PAUSED and not dom.starting:
-                    ctx.set_state(dom, DomainState.RUNNING, Reason.UNPAUSED,
-                                  ("resumed", "unpaused"))
-            elif name == "RESET":
-                ctx.emit(dom, "reboot", data={"guest": bool(data.get("guest"))})
-            elif name == "GUEST_PANICKED":
-                ctx.set_state(dom, DomainState.CRASHED, Reason.PANICKED,
-                              ("crashed", "panicked"))
-                if definition.on_crash is LifecycleAction.RESTART:
-                    ctx.spawn(self._restart_in_place(dom, generation, "crash restart"),
-                              f"crash-restart-{dom.name}")
-                elif definition.on_crash is LifecycleAction.DESTROY:
-                    dom.stop_reason = Reason.CRASHED
-                    ctx.spawn(self.kill(dom, generation), f"crash-destroy-{dom.name}")
+            with ctx.events_from_qemu(qemu_time):
+                follow_up = qmp_events.apply(ctx, dom, name, data)
+        if follow_up is None:
+            return
+        if follow_up.kind is FollowUpKind.KILL:
+            ctx.spawn(self.kill(dom, generation), f"{follow_up.why}-{dom.name}")
+        else:
+            ctx.spawn(self._restart_in_place(dom, generation, follow_up.why),
+                      f"{follow_up.why}-{dom.name}")
 
     async def _restart_in_place(self, dom: Domain, generation: int, why: str) -> None:
         """Reset and continue in the same QEMU (libvirt's fake reboot), as a job."""
@@ -335,6 +336,8 @@ class Runtime:
                 await ctx.qmp(dom, generation, "cont", what=why)
                 async with dom.lock:  # L5
                     ctx.ensure_current(dom, generation, why)
-                    ctx.set_state(dom, DomainState.RUNNING, Reason.BOOTED)
+                    # As libvirt's fake reboot: running again, announced as resumed/unpaused.
+                    ctx.set_state(dom, DomainState.RUNNING, Reason.BOOTED,
+                                  ("resumed", "unpaused"))
         except QvirtError as exc:
             log.warning("domain %s: %s failed: %s", dom.name, why, exc)

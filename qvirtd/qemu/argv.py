@@ -142,6 +142,8 @@ def build_argv(definition: DomainDef, accel: str, qemu_binary: str, monitor_fd: 
         "-chardev", opts("file", id=SERIAL_ID, path=str(paths.console_log)),
         "-device", jarg({"driver": "isa-serial", "chardev": SERIAL_ID, "id": SERIAL_ID}),
         "-device", jarg({"driver": "pvpanic", "id": "pvpanic0"}),
+        # A guest panic pauses the vCPUs (GUEST_PANICKED); on_crash then decides.
+        "-action", "panic=pause",
     ]
     if accel == "kvm":
         argv += ["-cpu", "host"]

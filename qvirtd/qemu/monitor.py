@@ -36,7 +36,8 @@ from .unixpath import short_path
 
 log = logging.getLogger(__name__)
 
-EventCallback = Callable[[str, dict[str, Any]], None]
+# (event name, data, QEMU's timestamp of the event in seconds since the epoch)
+EventCallback = Callable[[str, dict[str, Any], float | None], None]
 
 
 def quieten_library_logging(debug: bool = False) -> None:
@@ -52,8 +53,13 @@ class _ForwardingListener(EventListener):
 
     async def put(self, event: Message) -> None:
         data = event.get("data")
+        stamp = event.get("timestamp")
+        when = None
+        if isinstance(stamp, dict):
+            when = float(stamp.get("seconds", 0)) + float(stamp.get("microseconds", 0)) / 1e6
         try:
-            self._callback(str(event["event"]), dict(data) if isinstance(data, dict) else {})
+            self._callback(str(event["event"]), dict(data) if isinstance(data, dict) else {},
+                           when)
         except Exception:
             log.exception("QMP event handler failed on %s", event.get("event"))
 

@@ -75,13 +75,18 @@ class Connection:
 
     async def send(self, obj: dict[str, Any]) -> None:
         """Write one message; a slow or gone client only loses its own messages."""
+        await self.send_line(json.dumps(obj, separators=(",", ":")).encode() + b"\n")
+
+    async def send_line(self, data: bytes) -> None:
+        """Write one encoded message line (an event notification is encoded only once)."""
         if self.closed:
             return
-        data = json.dumps(obj, separators=(",", ":")).encode() + b"\n"
         try:
             async with self._write_lock:  # one writer at a time keeps lines whole
                 self.writer.write(data)
-                await asyncio.wait_for(self.writer.drain(), self.server.write_timeout_s)
+                # asyncio.timeout, not wait_for: no extra task per message on 3.11.
+                async with asyncio.timeout(self.server.write_timeout_s):
+                    await self.writer.drain()
         except (ConnectionError, TimeoutError, RuntimeError):
             self.close()
 

@@ -35,7 +35,7 @@ async def monitor() -> AsyncIterator[tuple[Monitor, QemuProcess]]:
             "-mon", "chardev=m,mode=control"]
     proc = QemuProcess.spawn(argv, [listener.fileno()], tmp / "qemu.log", tmp)
     listener.close()
-    mon = Monitor("locktest", lambda name, data: None, lambda: None, 5.0)
+    mon = Monitor("locktest", lambda *event: None, lambda: None, 5.0)
     await mon.connect(path, 10.0)
     saved = (LockWatch.strict, LockWatch.violations)
     LockWatch.strict = True

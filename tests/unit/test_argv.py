@@ -22,7 +22,7 @@ POSITIONAL = "<positional>"
 
 # Options that take no argument; every other option takes exactly one.
 FLAGS = {"-S", "-no-shutdown", "-nodefaults", "-no-user-config", "-no-reboot"}
-QEMUOPTS_OPTIONS = {"-machine", "-chardev", "-mon", "-name"}
+QEMUOPTS_OPTIONS = {"-machine", "-chardev", "-mon", "-name", "-action"}
 JSON_OPTIONS = {"-device", "-blockdev", "-netdev"}
 PLAIN_OPTIONS = {"-uuid", "-m", "-smp", "-display", "-cpu", "-kernel", "-initrd", "-append"}
 

@@ -1,0 +1,123 @@
+"""Shared benchmark plumbing: a private qvirtd, percentiles, and the JSON + Markdown output.
+
+Benchmarks print figures; they assert no timing. Every run records the machine, the date and
+the command, so a figure in docs/performance.md can be traced to how it was made.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def percentile(values: list[float], p: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(p * len(ordered)))]
+
+
+def machine() -> dict[str, Any]:
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem_kib = 0
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal"):
+                mem_kib = int(line.split()[1])
+    except OSError:
+        pass
+    qemu = subprocess.run(["qemu-system-x86_64", "--version"], capture_output=True,
+                          text=True).stdout.splitlines()
+    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": round(mem_kib / 2**20, 1),
+            "kernel": platform.release(), "python": platform.python_version(),
+            "qemu": qemu[0] if qemu else "unknown", "kvm": os.access("/dev/kvm", os.W_OK)}
+
+
+def header(name: str) -> dict[str, Any]:
+    return {"benchmark": name,
+            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+            "machine": machine()}
+
+
+def emit(result: dict[str, Any], table: list[tuple[str, str]]) -> None:
+    """Print the JSON document, then a Markdown table of the headline figures."""
+    print(json.dumps(result, indent=2))
+    print()
+    print(f"| {result['benchmark']} | value |")
+    print("|---|---|")
+    for label, value in table:
+        print(f"| {label} | {value} |")
+    print(f"\n{result['date']}, {result['machine']['cpu']} ({result['machine']['cores']} cores), "
+          f"{result['machine']['qemu']}; `{result['command']}`")
+
+
+class Qvirtd:
+    """A private daemon under a temporary --root; stop() kills every QEMU it started."""
+
+    def __init__(self, settings: dict[str, Any] | None = None) -> None:
+        self.root = Path(tempfile.mkdtemp(prefix="qvb-", dir="/tmp"))
+        self.socket = self.root / "run" / "qvirtd.sock"
+        lines = [f"{k} = {json.dumps(v)}" for k, v in (settings or {}).items()]
+        (self.root / "qvirtd.toml").write_text("\n".join(lines) + "\n")
+        self.log = open(self.root / "daemon.log", "wb")
+        self.proc = subprocess.Popen([sys.executable, "-m", "qvirtd", "--root", str(self.root)],
+                                     stdout=self.log, stderr=self.log)
+        deadline = time.monotonic() + 15
+        while True:
+            s = socket.socket(socket.AF_UNIX)
+            try:
+                s.connect(str(self.socket))
+                break
+            except OSError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise SystemExit("qvirtd did not start: "
+                                     + (self.root / "daemon.log").read_text()) from None
+                time.sleep(0.05)
+            finally:
+                s.close()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        kill_qemus_mentioning(str(self.root))
+        self.log.close()
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+def kill_qemus_mentioning(text: str) -> None:
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                cmd = Path(f"/proc/{entry}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if text.encode() in cmd and b"qemu-system" in cmd:
+                try:
+                    os.kill(int(entry), signal.SIGKILL)
+                except ProcessLookupError:
+                    pass

@@ -1,0 +1,212 @@
+"""QMP events -> domain state, reason and our events. Pure state logic, no I/O, no awaits.
+
+`apply()` is called by the domain's event pump with the domain lock held (rule L3). It changes
+state and reason and queues events (E1) right there. Anything that needs the monitor or the
+process (a reset-and-continue, a kill) is returned as a `FollowUp` for the caller to run as a
+task that takes a job: an event handler never talks to QEMU itself.
+
+The mapping to libvirt's event vocabulary is documented in docs/events.md.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from ..domain import Domain
+from ..model import DomainState, LifecycleAction, Reason
+from .context import Context
+
+log = logging.getLogger(__name__)
+
+
+class FollowUpKind(enum.Enum):
+    KILL = "kill"                  # stop QEMU (stop_reason already set)
+    RESET_CONTINUE = "reset"       # system_reset + cont in the same QEMU
+
+
+@dataclass(frozen=True)
+class FollowUp:
+    kind: FollowUpKind
+    why: str
+
+
+def _action(ctx: Context, dom: Domain, action: LifecycleAction, stop_reason: Reason,
+            why: str) -> FollowUp | None:
+    """Turn an on_poweroff/on_reboot/on_crash action into state now and a follow-up."""
+    if action is LifecycleAction.DESTROY:
+        dom.stop_reason = stop_reason
+        return FollowUp(FollowUpKind.KILL, why)
+    if action is LifecycleAction.RESTART:
+        return FollowUp(FollowUpKind.RESET_CONTINUE, why)
+    return None  # preserve: QEMU stays, stopped, for inspection
+
+
+def _shutdown(ctx: Context, dom: Domain, data: dict[str, Any]) -> FollowUp | None:
+    guest = bool(data.get("guest"))
+    qemu_reason = str(data.get("reason", ""))
+    if dom.state is DomainState.SHUTDOWN or (dom.stop_reason is not None and not guest):
+        # A repeated SHUTDOWN, or QEMU acknowledging the SIGTERM we sent it (destroy, or the
+        # kill after a guest power-off): the stop is already under way and will be announced.
+        return None
+    dom.saw_shutdown = True
+    ctx.set_state(dom, DomainState.SHUTDOWN, Reason.SHUTDOWN if guest else Reason.USER)
+    ctx.emit(dom, "lifecycle", "shutdown", "finished",
+             {"initiator": "guest" if guest else "host", "qemu_reason": qemu_reason})
+    definition = dom.definition
+    if dom.fake_reboot and guest:
+        return FollowUp(FollowUpKind.RESET_CONTINUE, "reboot")
+    if qemu_reason == "guest-reset":
+        action, why = definition.on_reboot, "on_reboot"
+    elif qemu_reason == "guest-panic":
+        action, why = definition.on_crash, "on_crash"
+    elif guest:
+        action, why = definition.on_poweroff, "on_poweroff"
+    else:
+        return None  # the host asked QEMU to quit: it is exiting on its own
+    if action is LifecycleAction.PRESERVE:
+        ctx.set_state(dom, DomainState.PAUSED, Reason.SHUTDOWN)
+    return _action(ctx, dom, action, Reason.SHUTDOWN, why)
+
+
+def _stop(ctx: Context, dom: Domain, data: dict[str, Any]) -> FollowUp | None:
+    if dom.state is DomainState.RUNNING:
+        reason = dom.pause_hint or Reason.UNKNOWN
+        detail = {Reason.IOERROR: "ioerror", Reason.WATCHDOG: "watchdog"}.get(reason, "paused")
+        ctx.set_state(dom, DomainState.PAUSED, reason, ("suspended", detail))
+    dom.pause_hint = None
+    return None
+
+
+def _resume(ctx: Context, dom: Domain, data: dict[str, Any]) -> FollowUp | None:
+    # While starting, or after SHUTDOWN (a reset-and-continue), the operation sets the state.
+    if dom.state is DomainState.PAUSED and not dom.starting:
+        ctx.set_state(dom, DomainState.RUNNING, Reason.UNPAUSED, ("resumed", "unpaused"))
+    return None
+
+
+# After a reset, SeaBIOS finds it has already run POST and resets the machine again itself,
+# once or twice, within ~0.1 s (QEMU reports each as a guest reset). One reboot is one event:
+# a guest reset this soon after the previous reset is part of it.
+REBOOT_COALESCE_S = 2.0
+
+
+def _reset(ctx: Context, dom: Domain, data: dict[str, Any]) -> FollowUp | None:
+    now = time.monotonic()
+    guest = bool(data.get("guest"))
+    follows_reset = now - dom.last_reset_at < REBOOT_COALESCE_S
+    dom.last_reset_at = now
+    if guest and follows_reset:
+        log.debug("domain %s: firmware reset folded into the reboot in progress", dom.name)
+        return None
+    ctx.emit(dom, "reboot", data={"initiator": "guest" if guest else "host",
+                                  "qemu_reason": data.get("reason")})
+    return None
+
+
+def _powerdown(ctx: Context, dom: Domain, data: dict[str, Any]) -> FollowUp | None:
+    # QEMU acknowledges the ACPI power button; what the guest does about it comes later.
+    log.info("domain %s: ACPI power button delivered", dom.name)
+    return None
+
+
+def _suspend(ctx: Context, dom: Domain, data: dict[str, Any]) -> FollowUp | None:
+    ctx.set_state(dom, DomainState.PMSUSPENDED, Reason.UNKNOWN, ("pmsuspended", "memory"))
+    ctx.emit(dom, "pm-suspend")
+    return None
+
+
+def _suspend_disk(ctx: Context, dom: Domain, data: dict[str, Any]) -> FollowUp | None:
+    ctx.set_state(dom, DomainState.PMSUSPENDED, Reason.UNKNOWN, ("pmsuspended", "disk"))
+    ctx.emit(dom, "pm-suspend", data={"target": "disk"})
+    return None
+
+
+def _wakeup(ctx: Context, dom: Domain, data: dict[str, Any]) -> FollowUp | None:
+    if dom.state is DomainState.PMSUSPENDED:
+        ctx.set_state(dom, DomainState.RUNNING, Reason.WAKEUP, ("started", "wakeup"))
+    ctx.emit(dom, "pm-wakeup")
+    return None
+
+
+def _panicked(ctx: Context, dom: Domain, data: dict[str, Any]) -> FollowUp | None:
+    # QEMU runs with -action panic=pause: the vCPUs are stopped, on_crash decides.
+    ctx.set_state(dom, DomainState.CRASHED, Reason.PANICKED, ("crashed", "panicked"))
+    info = data.get("info")
+    if info:
+        ctx.emit(dom, "guest-panic", data={"info": info})
+    return _action(ctx, dom, dom.definition.on_crash, Reason.CRASHED, "on_crash")
+
+
+def _device_deleted(ctx: Context, dom: Domain, data: dict[str, Any]) -> FollowUp | None:
+    # QEMU sends DEVICE_DELETED for the device and for its parts (a virtio backend, with only
+    # a QOM path): only the event that names the device id counts.
+    device = data.get("device")
+    if device:
+        ctx.emit(dom, "device-removed", data={"device": device, "path": data.get("path")})
+    return None
+
+
+def _block_io_error(ctx: Context, dom: Domain, data: dict[str, Any]) -> FollowUp | None:
+    action = str(data.get("action", ""))
+    if action == "stop":
+        dom.pause_hint = Reason.IOERROR  # the STOP that follows is an I/O error pause
+    ctx.emit(dom, "io-error", data={
+        "device": data.get("device") or None, "node": data.get("node-name"),
+        "operation": data.get("operation"), "action": action,
+        "nospace": bool(data.get("nospace", False)), "reason": data.get("reason")})
+    return None
+
+
+def _watchdog(ctx: Context, dom: Domain, data: dict[str, Any]) -> FollowUp | None:
+    action = str(data.get("action", ""))
+    if action == "pause":
+        dom.pause_hint = Reason.WATCHDOG
+    ctx.emit(dom, "watchdog", data={"action": action})
+    return None
+
+
+def _rtc_change(ctx: Context, dom: Domain, data: dict[str, Any]) -> FollowUp | None:
+    ctx.emit(dom, "rtc-change", data={"utc_offset_s": data.get("offset")})
+    return None
+
+
+def _balloon_change(ctx: Context, dom: Domain, data: dict[str, Any]) -> FollowUp | None:
+    actual = data.get("actual")
+    if isinstance(actual, int):
+        dom.balloon_actual_bytes = actual
+    ctx.emit(dom, "balloon-change", data={"actual_bytes": actual})
+    return None
+
+
+Handler = Callable[[Context, Domain, dict[str, Any]], FollowUp | None]
+
+HANDLERS: dict[str, Handler] = {
+    "SHUTDOWN": _shutdown,
+    "POWERDOWN": _powerdown,
+    "STOP": _stop,
+    "RESUME": _resume,
+    "RESET": _reset,
+    "SUSPEND": _suspend,
+    "SUSPEND_DISK": _suspend_disk,
+    "WAKEUP": _wakeup,
+    "GUEST_PANICKED": _panicked,
+    "DEVICE_DELETED": _device_deleted,
+    "BLOCK_IO_ERROR": _block_io_error,
+    "WATCHDOG": _watchdog,
+    "RTC_CHANGE": _rtc_change,
+    "BALLOON_CHANGE": _balloon_change,
+}
+
+
+def apply(ctx: Context, dom: Domain, name: str, data: dict[str, Any]) -> FollowUp | None:
+    """Apply one QMP event (caller holds the domain lock and has checked the run, L5)."""
+    handler = HANDLERS.get(name)
+    if handler is None:
+        log.debug("domain %s: QMP event %s ignored", dom.name, name)
+        return None
+    return handler(ctx, dom, data)

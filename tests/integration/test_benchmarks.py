@@ -1,0 +1,33 @@
+"""Benchmarks still run (quick mode): they print a JSON document and a Markdown table.
+
+No timing is asserted here: figures come from `make bench` and live in docs/performance.md.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+
+
+def run_quick(script: str) -> dict:  # type: ignore[type-arg]
+    res = subprocess.run([sys.executable, str(BENCHMARKS / script), "--quick"],
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    doc, _, table = res.stdout.partition("\n\n")
+    assert table.lstrip().startswith("|"), res.stdout[-2000:]
+    return json.loads(doc)  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize("script", ["bench_events.py"])
+def test_benchmark_runs_in_quick_mode(script: str) -> None:
+    result = run_quick(script)
+    assert result["machine"]["cores"] and result["date"] and "--quick" in result["command"]
+    if script == "bench_events.py":
+        assert result["latency"]["samples"] > 0
+        assert result["throughput"]["events"] > 0
