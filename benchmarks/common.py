@@ -20,6 +20,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from qvirtd.qemu.process import qemu_pids_mentioning
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -110,14 +114,8 @@ class Qvirtd:
 
 
 def kill_qemus_mentioning(text: str) -> None:
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                cmd = Path(f"/proc/{entry}/cmdline").read_bytes()
-            except OSError:
-                continue
-            if text.encode() in cmd and b"qemu-system" in cmd:
-                try:
-                    os.kill(int(entry), signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+    for pid in qemu_pids_mentioning(text):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass

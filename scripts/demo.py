@@ -22,6 +22,8 @@ sys.path.insert(0, str(REPO / "tests" / "guest"))
 
 from build_guest import ensure_guest  # noqa: E402
 
+from qvirtd.qemu.process import qemu_pids_mentioning  # noqa: E402
+
 
 def banner(text: str) -> None:
     print(f"\n=== {text}", flush=True)
@@ -70,18 +72,6 @@ class Demo:
                 raise SystemExit(f"demo failed: no {text!r} on the console in {timeout_s} s")
             time.sleep(0.1)
         return time.monotonic() - start
-
-    def leftover_qemus(self) -> list[int]:
-        pids = []
-        for entry in os.listdir("/proc"):
-            if entry.isdigit():
-                try:
-                    cmd = Path(f"/proc/{entry}/cmdline").read_bytes()
-                except OSError:
-                    continue
-                if str(self.root).encode() in cmd and b"qemu-system" in cmd:
-                    pids.append(int(entry))
-        return pids
 
     def run(self) -> None:
         banner("building (or reusing) the test guest from Debian packages")
@@ -135,7 +125,7 @@ class Demo:
         if self.daemon is not None and self.daemon.poll() is None:
             self.daemon.kill()
             self.daemon.wait()
-        for pid in self.leftover_qemus():
+        for pid in qemu_pids_mentioning(str(self.root)):
             os.kill(pid, signal.SIGKILL)
         shutil.rmtree(self.root, ignore_errors=True)
 

@@ -43,6 +43,23 @@ def proc_state(pid: int) -> str | None:
     return raw[raw.rindex(b")") + 2:][:1].decode()
 
 
+def qemu_pids_mentioning(text: str) -> list[int]:
+    """Live QEMU processes whose command line contains `text` (e.g. a --root directory:
+    every QEMU of a daemon names its runtime directory in its options)."""
+    found = []
+    needle = text.encode()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if needle in cmdline and b"qemu-system" in cmdline and proc_state(int(entry)) != "Z":
+            found.append(int(entry))
+    return found
+
+
 def describe_status(status: int | None) -> str:
     if status is None:
         return "exited (status unknown: not our child)"

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from qvirtd.client import Client
+from qvirtd.qemu.process import qemu_pids_mentioning
 
 TEST_SETTINGS: dict[str, Any] = {
     "lock_check": True,  # every integration test is an instrumented run (rule L4)
@@ -41,21 +42,6 @@ def wait_for(predicate: Callable[[], Any], timeout_s: float, what: str,
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
         time.sleep(interval_s)
-
-
-def pids_mentioning(text: str) -> list[int]:
-    """Processes whose command line contains `text` (our QEMUs name their root in it)."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
-        except OSError:
-            continue
-        if text.encode() in cmdline and b"qemu-system" in cmdline:
-            found.append(int(entry))
-    return found
 
 
 def pid_alive(pid: int) -> bool:
@@ -149,7 +135,7 @@ class Daemon:
         return await Client.connect(self.socket)
 
     def qemu_pids(self) -> list[int]:
-        return [p for p in pids_mentioning(str(self.root)) if pid_alive(p)]
+        return qemu_pids_mentioning(str(self.root))
 
     def stop(self, sig: int = signal.SIGTERM) -> int | None:
         if self.proc is None or self.proc.poll() is not None:
@@ -167,7 +153,7 @@ class Daemon:
 
     def cleanup(self) -> None:
         self.stop()
-        for pid in pids_mentioning(str(self.root)):
+        for pid in qemu_pids_mentioning(str(self.root)):
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:

@@ -241,3 +241,34 @@ async def test_resume_from_a_sequence_number(daemon_factory: Any) -> None:
         await again.close()
     finally:
         await client.close()
+
+
+def test_cli_event_json_and_timeout(daemon: Daemon) -> None:
+    import time as _time
+    start = _time.monotonic()
+    quiet = daemon.qvirsh("event", "--timeout", "1", "--json")
+    assert quiet.stdout == "" and 0.9 <= _time.monotonic() - start < 10
+    watcher = subprocess.Popen([sys.executable, "-m", "qvirtd.cli", "--socket",
+                                str(daemon.socket), "event", "--json", "--loop",
+                                "--timeout", "8", "--domain", "one"],
+                               stdout=subprocess.PIPE, text=True)
+    try:
+        _time.sleep(1.0)
+        daemon.define(tiny_definition("other"))
+        daemon.define(tiny_definition("one"))
+        daemon.qvirsh("undefine", "one")
+        out, _ = watcher.communicate(timeout=20)
+    finally:
+        watcher.kill()
+    lines = [json.loads(line) for line in out.splitlines()]
+    assert [(e["event"], e["type"], e["detail"]) for e in lines] == [
+        ("lifecycle", "defined", "added"), ("lifecycle", "undefined", "removed")]
+    assert all(set(e) >= {"seq", "time", "domain", "event"} for e in lines)
+    assert lines[1]["seq"] > lines[0]["seq"]
+    # Without --loop: the first event, then exit.
+    one = subprocess.Popen([sys.executable, "-m", "qvirtd.cli", "--socket", str(daemon.socket),
+                            "event"], stdout=subprocess.PIPE, text=True)
+    _time.sleep(1.0)
+    daemon.define(tiny_definition("two"))
+    out, _ = one.communicate(timeout=20)
+    assert out.count("\n") == 1 and "domain 'two': lifecycle defined/added" in out
