@@ -107,6 +107,7 @@ def build_parser() -> Parser:
     c.add_argument("name")
     c.add_argument("--bytes", type=int, default=64 * 1024, help="at most this many (tail)")
     cmd("daemon-stats", "daemon counters and lock statistics")
+    cmd("daemon-warnings", "what the daemon found but does not manage (orphan QEMUs)")
     return p
 
 
@@ -137,6 +138,8 @@ async def run(args: argparse.Namespace) -> int:
         elif c == "list":
             r = await client.call("list", {"all": args.all})
             _print(args, r, _table(r, [("id", "Id"), ("name", "Name"), ("state", "State")]))
+            for warning in await client.call("daemon-warnings"):
+                print(f"warning: {warning}", file=sys.stderr)
         elif c == "dominfo":
             r = await client.call("dominfo", {"name": args.name})
             _print(args, r, _kv(r))
@@ -173,6 +176,9 @@ async def run(args: argparse.Namespace) -> int:
         elif c == "console-log":
             r = await client.call("console-log", {"name": args.name, "max_bytes": args.bytes})
             _print(args, r, r["text"].rstrip("\n"))
+        elif c == "daemon-warnings":
+            r = await client.call("daemon-warnings")
+            _print(args, r, "\n".join(f"warning: {w}" for w in r) or "no warnings")
         elif c == "daemon-stats":
             r = await client.call("daemon-stats")
             print(json.dumps(r, indent=2))

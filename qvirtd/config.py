@@ -36,6 +36,7 @@ class Settings(BaseModel):
     socket_mode: int = 0o600
     max_message_bytes: Annotated[int, Field(ge=1024, le=64 * 1024 * 1024)] = 1024 * 1024
     max_requests_in_flight: Annotated[int, Field(ge=1, le=10000)] = 32
+    client_write_timeout_s: Annotated[float, Field(gt=0, le=3600)] = 10.0
     event_flush_delay_s: Annotated[float, Field(ge=0, le=10)] = 0.0
     event_queue_per_subscriber: Annotated[int, Field(ge=1, le=1_000_000)] = 1000
     event_replay_buffer: Annotated[int, Field(ge=0, le=1_000_000)] = 10000

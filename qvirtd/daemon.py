@@ -22,14 +22,15 @@ from .domain import Domain
 from .errors import ReplayGapError
 from .events import ReplayGap
 from .locks import LockWatch
-from .notify import sd_notify
 from .ops.context import Context
 from .ops.lifecycle import Lifecycle
+from .ops.reconnect import Reconnector
 from .ops.runtime import Runtime
 from .qemu.monitor import quieten_library_logging
 from .qemu.unixpath import short_path
 from .rpc.methods import EventParams, build_methods
 from .rpc.server import Connection, RpcServer
+from .systemd import listen_fds, sd_notify, watchdog_interval
 
 log = logging.getLogger(__name__)
 
@@ -67,9 +68,11 @@ class Daemon:
         self.ctx = Context(settings, layout)
         self.runtime = Runtime(self.ctx)
         self.ops = Lifecycle(self.ctx, self.runtime)
+        self.reconnector = Reconnector(self.ctx, self.runtime)
         self.server = RpcServer(build_methods(self.ctx, self.ops), settings.max_message_bytes,
                                 settings.max_requests_in_flight,
-                                {"event": (EventParams, self._subscribe_events)})
+                                {"event": (EventParams, self._subscribe_events)},
+                                settings.client_write_timeout_s)
         self._stop = asyncio.Event()
 
     def _prepare_dirs(self) -> None:
@@ -113,30 +116,68 @@ class Daemon:
         quieten_library_logging(self.settings.log_level == "debug")
         self._prepare_dirs()
         self._load_definitions()
-        sock = bind_socket(str(self.layout.socket_path), self.settings.socket_mode)
+        sd_notify("STATUS=finding running domains")
+        reconnects = await self.reconnector.adopt_all()
+        activated = listen_fds()
+        if activated:
+            sock = activated[0]
+            log.info("using the socket passed by systemd (socket activation)")
+        else:
+            sock = bind_socket(str(self.layout.socket_path), self.settings.socket_mode)
         await self.server.start(sock)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
         log.info("qvirtd listening on %s", self.layout.socket_path)
-        sd_notify("READY=1\nSTATUS=listening")
+        sd_notify(f"READY=1\nSTATUS=listening; reconnecting {len(reconnects)} domains")
+        interval = watchdog_interval()
+        if interval is not None:
+            self.ctx.spawn(self._watchdog(interval), "watchdog")
+        self.ctx.spawn(self._after_reconnect(reconnects), "autostart")
         await self._stop.wait()
-        sd_notify("STOPPING=1\nSTATUS=stopping")
+        sd_notify("STOPPING=1\nSTATUS=stopping; guests keep running")
         log.info("stopping: guests keep running")
         await self.server.stop(grace_s=5.0)
         await self._detach_all()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.layout.socket_path)
+        if not activated:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.layout.socket_path)
         log.info("stopped")
         return 0
 
+    async def _watchdog(self, interval: float) -> None:
+        """WATCHDOG=1 from the event loop itself: if the loop blocks, the pings stop."""
+        while True:
+            sd_notify("WATCHDOG=1")
+            await asyncio.sleep(interval)
+
+    async def _after_reconnect(self, reconnects: list[asyncio.Task[None]]) -> None:
+        """Once every reconnect has settled, start the autostart domains not yet running."""
+        if reconnects:
+            await asyncio.wait(reconnects)
+        wanted = [d for d in self.ctx.table.all() if d.autostart and not d.active]
+        results = await asyncio.gather(
+            *(self.runtime.start(d, False, "autostart") for d in wanted),
+            return_exceptions=True)
+        for dom, result in zip(wanted, results, strict=True):
+            if isinstance(result, BaseException):
+                log.error("autostart of %s failed: %s", dom.name, result)
+            else:
+                log.info("autostarted %s", dom.name)
+        active = sum(1 for d in self.ctx.table.all() if d.active)
+        sd_notify(f"STATUS=running; {len(self.ctx.table)} domains, {active} active")
+
     async def _detach_all(self) -> None:
-        """Let go of every QEMU without stopping it: close monitors and pidfds."""
+        """Let go of every QEMU without stopping it: status files current, monitors and
+        pidfds closed. The guests keep running; the next daemon reconnects to them."""
         for task in list(self.ctx.background_tasks):
             task.cancel()
         for dom in self.ctx.table.all():
-            if dom.process is not None:
-                dom.process.close()
-            if dom.monitor is not None:
-                await dom.monitor.close()
-
+            async with dom.lock:  # L3
+                if dom.active:
+                    self.ctx.save_status(dom)
+                process, monitor = dom.process, dom.monitor
+            if process is not None:
+                process.close()
+            if monitor is not None:
+                await monitor.close()

@@ -54,6 +54,8 @@ class Domain:
         self.balloon_actual_bytes: int | None = None
         self.last_reset_at = float("-inf")  # monotonic time of QEMU's last RESET event
         self.event_pump: asyncio.Task[None] | None = None
+        # The run's QMP events on their way to the pump: (name, data, QEMU's timestamp).
+        self.qmp_queue: asyncio.Queue[tuple[str, dict[str, Any], float | None]] | None = None
 
     @property
     def active(self) -> bool:

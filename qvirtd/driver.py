@@ -8,8 +8,6 @@ nothing is awaited under it except the lock itself.
 
 from __future__ import annotations
 
-import itertools
-
 from .domain import Domain
 from .errors import NoDomainError
 from .locks import HoldStats, TrackedLock
@@ -23,7 +21,7 @@ class DomainTable:
         self._by_name: dict[str, Domain] = {}
         self._by_uuid: dict[str, Domain] = {}
         self._by_id: dict[int, Domain] = {}
-        self._next_id = itertools.count(1)
+        self._last_id = 0
 
     # --- everything below: caller holds self.lock (rule L1) ---------------------------------
 
@@ -59,9 +57,14 @@ class DomainTable:
         dom.removed = True
 
     def assign_id(self, dom: Domain) -> int:
-        dom_id = next(self._next_id)
+        self._last_id += 1
+        self._by_id[self._last_id] = dom
+        return self._last_id
+
+    def adopt_id(self, dom: Domain, dom_id: int) -> None:
+        """Index the id a running domain had before a daemon restart; new ids come after."""
         self._by_id[dom_id] = dom
-        return dom_id
+        self._last_id = max(self._last_id, dom_id)
 
     def release_id(self, dom: Domain, dom_id: int) -> None:
         if self._by_id.get(dom_id) is dom:

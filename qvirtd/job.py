@@ -16,6 +16,7 @@ what asked for it and for how long it has held it, so a stuck domain explains it
 from __future__ import annotations
 
 import asyncio
+import datetime
 import enum
 import time
 from dataclasses import dataclass, field
@@ -43,6 +44,8 @@ class Job:
     owner: str
     task: asyncio.Task[Any] | None = field(default_factory=asyncio.current_task)
     since: float = field(default_factory=time.monotonic)
+    started_at: str = field(default_factory=lambda: datetime.datetime.now(
+        datetime.UTC).isoformat(timespec="seconds"))
 
     def describe(self, now: float | None = None) -> str:
         held = (now if now is not None else time.monotonic()) - self.since

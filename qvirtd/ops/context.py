@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import shutil
 from collections.abc import AsyncIterator, Coroutine, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from typing import Any
@@ -26,6 +28,7 @@ from ..errors import DomainGoneError, InvalidOperationError, MonitorClosedError,
 from ..events import EventBus
 from ..job import Job, JobKind
 from ..model import DomainState, Reason
+from ..status import DomainStatus, JobRecord, save_status
 from ..store import DefinitionStore
 
 log = logging.getLogger(__name__)
@@ -41,6 +44,11 @@ class Context:
         self.store = DefinitionStore(layout.definitions_dir, layout.autostart_dir)
         self._tasks: set[asyncio.Task[Any]] = set()
         self._qemu_time: float | None = None
+        found = shutil.which(settings.qemu_binary)
+        # Resolved once: status files record it, and a restart checks a pid runs it.
+        self.qemu_path = os.path.realpath(found) if found else settings.qemu_binary
+        # QEMU processes that name our run directory but that no status file accounts for.
+        self.orphans: list[dict[str, Any]] = []
 
     def spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
         """Run `coro` as a task the daemon keeps a reference to (and logs if it fails)."""
@@ -64,15 +72,22 @@ class Context:
 
     @asynccontextmanager
     async def job(self, dom: Domain, kind: JobKind, owner: str) -> AsyncIterator[Job]:
-        async with dom.lock:  # L2: take the job under the domain lock (the wait releases it)
-            if dom.removed:
-                raise NoDomainError(f"domain '{dom.name}' not found")
-            job = await dom.job.acquire(kind, owner, self.settings.job_wait_timeout_s)
+        job = await self.begin_job(dom, kind, owner)
         try:
             yield job
         finally:
-            async with dom.lock:  # L2: end the job under the domain lock
-                dom.job.release(job)
+            await self.end_job(dom, job)
+
+    async def begin_job(self, dom: Domain, kind: JobKind, owner: str) -> Job:
+        """Take a job (prefer `job()`; this is for a job handed from one task to another)."""
+        async with dom.lock:  # L2: take the job under the domain lock (the wait releases it)
+            if dom.removed:
+                raise NoDomainError(f"domain '{dom.name}' not found")
+            return await dom.job.acquire(kind, owner, self.settings.job_wait_timeout_s)
+
+    async def end_job(self, dom: Domain, job: Job) -> None:
+        async with dom.lock:  # L2: end the job under the domain lock
+            dom.job.release(job)
 
     def ensure_current(self, dom: Domain, generation: int, what: str) -> None:
         """L5, under the domain lock: the domain is still the run we started acting on."""
@@ -133,9 +148,33 @@ class Context:
 
     def set_state(self, dom: Domain, state: DomainState, reason: Reason,
                   event: tuple[str, str] | None = None) -> None:
-        """Under the domain lock: change state; emit the lifecycle event only on a change."""
+        """Under the domain lock: change state; emit the lifecycle event only on a change.
+        A running domain's status file follows every change (shut off: the run's end
+        removes it)."""
         changed = dom.state is not state
         dom.state = state
         dom.reason = reason
         if changed and event is not None:
             self.emit(dom, "lifecycle", event[0], event[1])
+        if state is not DomainState.SHUTOFF:
+            self.save_status(dom)
+
+    def save_status(self, dom: Domain) -> None:
+        """Under the domain lock (L3): write the run's status file (atomic, small)."""
+        if dom.run_dir is None or dom.live_def is None or dom.id is None:
+            return
+        process = dom.process
+        async_job = dom.job.async_job
+        save_status(DomainStatus(
+            name=dom.name, uuid=dom.uuid, generation=dom.generation,
+            phase="starting" if dom.starting else "running",
+            pid=process.pid if process is not None else None,
+            start_time=process.start_time if process is not None else None,
+            binary=self.qemu_path, run_dir=str(dom.run_dir),
+            monitor_socket=str(dom.run_dir / "monitor.sock"), id=dom.id,
+            state=dom.state, reason=dom.reason, persistent=dom.persistent,
+            accel=dom.accel_in_use or "", definition=dom.live_def,
+            stop_reason=dom.stop_reason, saw_shutdown=dom.saw_shutdown,
+            fake_reboot=dom.fake_reboot,
+            async_job=JobRecord(kind=str(async_job.kind), owner=async_job.owner,
+                                since=async_job.started_at) if async_job else None))

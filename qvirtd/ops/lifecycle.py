@@ -182,6 +182,7 @@ class Lifecycle:
                 raise InvalidOperationError(f"domain '{dom.name}' is not running")
             generation = dom.generation
             dom.stop_reason = Reason.DESTROYED
+            ctx.save_status(dom)  # a destroy interrupted by a daemon crash is finished after
         await self.runtime.kill(dom, generation)
         # Wait, bounded, for the job that was interrupted (if any) to let go, so that when
         # destroy returns nothing is still acting on the old run.
@@ -219,6 +220,7 @@ class Lifecycle:
             async with dom.lock:  # L3
                 generation = ctx.running_generation(dom)
                 dom.fake_reboot = True
+                ctx.save_status(dom)
             await ctx.qmp(dom, generation, "system_powerdown", what="reboot")
         return await self.dominfo(dom.uuid)
 

@@ -57,6 +57,12 @@ def _shutdown(ctx: Context, dom: Domain, data: dict[str, Any]) -> FollowUp | Non
     ctx.set_state(dom, DomainState.SHUTDOWN, Reason.SHUTDOWN if guest else Reason.USER)
     ctx.emit(dom, "lifecycle", "shutdown", "finished",
              {"initiator": "guest" if guest else "host", "qemu_reason": qemu_reason})
+    return _poweroff_action(ctx, dom, guest, qemu_reason)
+
+
+def _poweroff_action(ctx: Context, dom: Domain, guest: bool,
+                     qemu_reason: str) -> FollowUp | None:
+    """What to do once the guest has powered off (QEMU stopped, -no-shutdown)."""
     definition = dom.definition
     if dom.fake_reboot and guest:
         return FollowUp(FollowUpKind.RESET_CONTINUE, "reboot")
@@ -201,6 +207,44 @@ HANDLERS: dict[str, Handler] = {
     "RTC_CHANGE": _rtc_change,
     "BALLOON_CHANGE": _balloon_change,
 }
+
+
+_PAUSED_STATUSES = frozenset({"paused", "prelaunch", "postmigrate", "finish-migrate",
+                              "inmigrate", "restore-vm", "save-vm", "debug", "colo",
+                              "internal-error"})
+
+
+def resync(ctx: Context, dom: Domain, qemu_status: str) -> FollowUp | None:
+    """After a reconnect (caller holds the domain lock): bring state in line with QEMU's run
+    state (`query-status`), announcing what changed while the daemon was away, and redo an
+    action the previous daemon decided but did not finish."""
+    state, reason = dom.state, dom.reason
+    if qemu_status == "running":
+        if state is not DomainState.RUNNING:
+            ctx.set_state(dom, DomainState.RUNNING, Reason.UNPAUSED, ("resumed", "unpaused"))
+    elif qemu_status in _PAUSED_STATUSES:
+        if state is not DomainState.PAUSED:
+            ctx.set_state(dom, DomainState.PAUSED, Reason.UNKNOWN, ("suspended", "paused"))
+    elif qemu_status in ("io-error", "watchdog"):
+        why = Reason.IOERROR if qemu_status == "io-error" else Reason.WATCHDOG
+        if (state, reason) != (DomainState.PAUSED, why):
+            ctx.set_state(dom, DomainState.PAUSED, why, ("suspended", qemu_status.replace(
+                "io-error", "ioerror")))
+    elif qemu_status == "suspended":
+        ctx.set_state(dom, DomainState.PMSUSPENDED, Reason.UNKNOWN, ("pmsuspended", "memory"))
+    elif qemu_status == "guest-panicked":
+        if state is DomainState.CRASHED:  # seen, but its on_crash action was not done
+            return _action(ctx, dom, dom.definition.on_crash, Reason.CRASHED, "on_crash")
+        return _panicked(ctx, dom, {})
+    elif qemu_status == "shutdown":
+        if (state, reason) == (DomainState.PAUSED, Reason.SHUTDOWN):
+            return None  # on_poweroff = preserve: as it should be
+        if state is DomainState.SHUTDOWN:  # seen, but its action was not done
+            return _poweroff_action(ctx, dom, True, "guest-shutdown")
+        return _shutdown(ctx, dom, {"guest": True, "reason": "guest-shutdown"})
+    else:
+        log.warning("domain %s: unknown QEMU run state %r", dom.name, qemu_status)
+    return None
 
 
 def apply(ctx: Context, dom: Domain, name: str, data: dict[str, Any]) -> FollowUp | None:

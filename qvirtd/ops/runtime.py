@@ -31,6 +31,7 @@ from ..qemu.argv import LaunchPaths, build_argv
 from ..qemu.monitor import Monitor
 from ..qemu.process import QemuProcess, describe_status
 from ..qemu.unixpath import short_path
+from ..status import remove_status
 from . import qmp_events
 from .context import Context
 from .qmp_events import FollowUpKind
@@ -77,7 +78,7 @@ def _log_tail(path: Path, offset: int, limit: int = 2000) -> str:
     return text[-limit:]
 
 
-_STOP_DETAIL = {
+STOP_DETAIL = {
     Reason.SHUTDOWN: "shutdown",
     Reason.DESTROYED: "destroyed",
     Reason.CRASHED: "crashed",
@@ -138,10 +139,7 @@ class Runtime:
                 stamp = time.strftime("%Y-%m-%d %H:%M:%S")
                 logf.write(f"{stamp} starting domain {dom.name}: {argv!r}\n".encode())
                 log_offset = logf.tell()
-            queue: QmpQueue = asyncio.Queue()
             async with dom.lock:  # L3: publish the new run atomically (spawn is not awaited)
-                process = QemuProcess.spawn(argv, [listener.fileno()], log_path, run_dir)
-                dom.process = process
                 dom.id = dom_id
                 dom.live_def = definition
                 dom.run_dir = run_dir
@@ -149,16 +147,22 @@ class Runtime:
                 dom.stop_reason = None
                 dom.saw_shutdown = False
                 dom.fake_reboot = False
-                dom.run_ended = asyncio.Event()
-                dom.monitor = Monitor(dom.name, partial(self._queue_qmp_event, queue),
-                                      partial(self._monitor_lost, dom, generation),
-                                      settings.monitor_timeout_s)
+                # Recorded before QEMU exists: a daemon killed between here and the next
+                # status write still knows a start was under way in this run directory.
+                ctx.save_status(dom)
+                try:
+                    process = QemuProcess.spawn(argv, [listener.fileno()], log_path, run_dir)
+                except QvirtError:
+                    dom.id = None
+                    dom.live_def = None
+                    remove_status(run_dir)
+                    raise
+                monitor = self.attach(dom, generation, process)
                 ctx.set_state(dom, DomainState.PAUSED, Reason.STARTING_UP)
-                monitor = dom.monitor
-                dom.event_pump = ctx.spawn(self._pump(dom, generation, queue),
-                                           f"qmp-events-{dom.name}")
-                ctx.spawn(self._watch_process(dom, generation, process, monitor, queue),
-                          f"watch-{dom.name}")
+        except BaseException:
+            async with ctx.table.lock:  # L1: the id was never used
+                ctx.table.release_id(dom, dom_id)
+            raise
         finally:
             listener.close()
         log.info("domain %s: QEMU pid %d started (accel %s)", dom.name, process.pid, accel)
@@ -168,6 +172,7 @@ class Runtime:
                 await ctx.qmp(dom, generation, "cont", what="start")
             async with dom.lock:  # L5: still our run?
                 ctx.ensure_current(dom, generation, "start")
+                dom.starting = False  # the status written next says "running"
                 if paused:
                     ctx.set_state(dom, DomainState.PAUSED, Reason.USER)
                     ctx.emit(dom, "lifecycle", "started", "booted")
@@ -179,6 +184,7 @@ class Runtime:
             async with dom.lock:  # L3
                 if dom.is_current(generation) and dom.stop_reason is None:
                     dom.stop_reason = Reason.FAILED
+                    ctx.save_status(dom)
             await self.kill(dom, generation)
             said = _log_tail(log_path, log_offset)
             if isinstance(exc, QvirtError | OSError):
@@ -187,6 +193,28 @@ class Runtime:
                     msg += f"; QEMU said: {said}"
                 raise QvirtError(msg) from exc
             raise
+
+    def attach(self, dom: Domain, generation: int, process: QemuProcess) -> Monitor:
+        """Under the domain lock: make `process` the domain's run, with a (not yet connected)
+        monitor, its event pump and its exit watcher. Used by launch and by reconnect."""
+        ctx = self.ctx
+        queue: QmpQueue = asyncio.Queue()
+        dom.process = process
+        dom.run_ended = asyncio.Event()
+        dom.qmp_queue = queue
+        monitor = self.new_monitor(dom, generation)
+        dom.event_pump = ctx.spawn(self._pump(dom, generation, queue), f"qmp-events-{dom.name}")
+        ctx.spawn(self._watch_process(dom, generation, process, queue),
+                  f"watch-{dom.name}")
+        return monitor
+
+    def new_monitor(self, dom: Domain, generation: int) -> Monitor:
+        """Under the domain lock: a fresh monitor for the run, feeding its event pump."""
+        assert dom.qmp_queue is not None
+        dom.monitor = Monitor(dom.name, partial(self._queue_qmp_event, dom.qmp_queue),
+                              partial(self._monitor_lost, dom, generation),
+                              self.ctx.settings.monitor_timeout_s)
+        return dom.monitor
 
     # --- stopping ------------------------------------------------------------------------
 
@@ -206,12 +234,15 @@ class Runtime:
             log.error("domain %s: QEMU exited but the run was not cleaned up in time", dom.name)
 
     async def _watch_process(self, dom: Domain, generation: int, process: QemuProcess,
-                             monitor: Monitor, queue: QmpQueue) -> None:
+                             queue: QmpQueue) -> None:
         """Wait for QEMU to exit, let its last events be handled, then shut the domain off."""
         status = await process.exited
         log.info("domain %s: QEMU pid %d %s", dom.name, process.pid, describe_status(status))
         # QEMU's SHUTDOWN event may still sit unread in the monitor socket: read it first.
-        await monitor.wait_lost(1.0)
+        async with dom.lock:  # L3
+            monitor = dom.monitor if dom.is_current(generation) else None
+        if monitor is not None:
+            await monitor.wait_lost(1.0)
         barrier: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         queue.put_nowait((_BARRIER, {"future": barrier}, None))
         with contextlib.suppress(TimeoutError):
@@ -235,7 +266,7 @@ class Runtime:
             restart = (reason is Reason.CRASHED and dom.persistent
                        and dom.definition.on_crash is LifecycleAction.RESTART)
             ctx.set_state(dom, DomainState.SHUTOFF, reason,
-                          ("stopped", _STOP_DETAIL.get(reason, "shutdown")))
+                          ("stopped", STOP_DETAIL.get(reason, "shutdown")))
             dom.process = None
             dom.monitor = None
             dom.event_pump = None
@@ -244,8 +275,10 @@ class Runtime:
             dom.accel_in_use = None
             dom.fake_reboot = False
             if dom.run_dir is not None:
+                remove_status(dom.run_dir)
                 with contextlib.suppress(FileNotFoundError):
                     (dom.run_dir / "monitor.sock").unlink()
+            dom.qmp_queue = None
             dom.run_ended.set()
         if process is not None:
             process.close()
@@ -316,8 +349,15 @@ class Runtime:
             log.debug("domain %s: QMP event %s %s", dom.name, name, data)
             with ctx.events_from_qemu(qemu_time):
                 follow_up = qmp_events.apply(ctx, dom, name, data)
+            if follow_up is not None:
+                ctx.save_status(dom)  # a stop_reason or pending action to survive a restart
         if follow_up is None:
             return
+        self.run_follow_up(dom, generation, follow_up)
+
+    def run_follow_up(self, dom: Domain, generation: int, follow_up: qmp_events.FollowUp) -> None:
+        """Start the task that does what an event (or a resync) asked for, under a job."""
+        ctx = self.ctx
         if follow_up.kind is FollowUpKind.KILL:
             ctx.spawn(self.kill(dom, generation), f"{follow_up.why}-{dom.name}")
         else:

@@ -169,7 +169,11 @@ def build_methods(ctx: Context, ops: Lifecycle) -> dict[str, Method]:
                        "subscribers": ctx.bus.subscriber_count,
                        "dropped_subscribers": ctx.bus.dropped_subscribers},
             "background_tasks": len(ctx.background_tasks),
+            "orphans": ctx.orphans,
         }
+
+    async def daemon_warnings(p: NoParams, c: Caller) -> Any:
+        return [o["message"] for o in ctx.orphans]
 
     table: dict[str, tuple[type[Params], Handler, str]] = {
         "define": (DefineParams, define, "create or update a persistent domain"),
@@ -188,5 +192,7 @@ def build_methods(ctx: Context, ops: Lifecycle) -> dict[str, Method]:
         "qemu-monitor-command": (MonitorCommandParams, monitor_command, "one raw QMP command"),
         "console-log": (ConsoleParams, console_log, "the tail of the serial console log"),
         "daemon-stats": (NoParams, daemon_stats, "daemon counters and lock statistics"),
+        "daemon-warnings": (NoParams, daemon_warnings,
+                            "things the daemon found but does not manage (orphan QEMUs)"),
     }
     return {name: Method(params, handler, doc) for name, (params, handler, doc) in table.items()}

@@ -165,11 +165,12 @@ class Connection:
 class RpcServer:
     def __init__(self, methods: dict[str, Method], max_message_bytes: int,
                  max_in_flight: int,
-                 connection_methods: dict[str, ConnectionMethod] | None = None) -> None:
+                 connection_methods: dict[str, ConnectionMethod] | None = None,
+                 write_timeout_s: float = 10.0) -> None:
         self.methods = methods
         self.max_message_bytes = max_message_bytes
         self.max_in_flight = max_in_flight
-        self.write_timeout_s = 10.0
+        self.write_timeout_s = write_timeout_s
         self.connections: set[Connection] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._server: asyncio.AbstractServer | None = None

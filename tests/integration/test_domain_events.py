@@ -48,6 +48,10 @@ async def test_lifecycle_produces_exactly_the_expected_events(daemon: Daemon,
     try:
         sub = await client.call("event", {"domain": "ev"})
         first_seq = sub["last_seq"] + 1
+        for _ in range(200):  # the CLI watcher is subscribed too before anything happens
+            if (await client.call("daemon-stats"))["events"]["subscribers"] == 2:
+                break
+            await asyncio.sleep(0.05)
         run = asyncio.to_thread
         await run(daemon.define, guest_definition(guest, "ev"))
         await run(daemon.qvirsh, "start", "ev")
@@ -164,7 +168,9 @@ def stalled_subscriber(daemon: Daemon) -> socket.socket:
 
 async def test_a_subscriber_that_never_reads_is_dropped_without_delaying_others(
         daemon_factory: Any) -> None:
-    daemon: Daemon = daemon_factory({"event_queue_per_subscriber": 100})
+    # The stalled client is read at the end, so it must not be cut off for being slow first.
+    daemon: Daemon = daemon_factory({"event_queue_per_subscriber": 100,
+                                     "client_write_timeout_s": 300})
     daemon.define(tiny_definition("noisy"))
     daemon.qvirsh("start", "noisy")
     reader = await daemon.client()

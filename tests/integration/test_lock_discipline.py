@@ -35,11 +35,11 @@ async def monitor() -> AsyncIterator[tuple[Monitor, QemuProcess]]:
             "-mon", "chardev=m,mode=control"]
     proc = QemuProcess.spawn(argv, [listener.fileno()], tmp / "qemu.log", tmp)
     listener.close()
-    mon = Monitor("locktest", lambda *event: None, lambda: None, 5.0)
-    await mon.connect(path, 10.0)
     saved = (LockWatch.strict, LockWatch.violations)
-    LockWatch.strict = True
-    try:
+    mon = Monitor("locktest", lambda *event: None, lambda: None, 5.0)
+    try:  # whatever fails from here on, the QEMU we started is killed
+        await mon.connect(path, 10.0)
+        LockWatch.strict = True
         yield mon, proc
     finally:
         LockWatch.strict, LockWatch.violations = saved
