@@ -103,6 +103,23 @@ def build_parser() -> Parser:
     c = cmd("qemu-monitor-command", "pass one raw QMP command")
     c.add_argument("name")
     c.add_argument("command", help='e.g. \'{"execute": "query-status"}\'')
+    c = cmd("attach-device", "hotplug a device described in a JSON file")
+    c.add_argument("name")
+    c.add_argument("file", help='{"kind": "disk"|"cdrom"|"nic", "id": ..., ...}')
+    c.add_argument("--config", action="store_true", help="also (or, shut off: only) the "
+                   "persistent definition")
+    c = cmd("detach-device", "hot-unplug a device")
+    c.add_argument("name")
+    c.add_argument("device_id")
+    c.add_argument("--wait", type=float, default=5.0, metavar="SECONDS",
+                   help="wait this long for the guest to release it (default 5)")
+    c.add_argument("--config", action="store_true", help="also the persistent definition")
+    c = cmd("change-media", "insert, change or eject a CD-ROM medium")
+    c.add_argument("name")
+    c.add_argument("cdrom_id")
+    group = c.add_mutually_exclusive_group(required=True)
+    group.add_argument("path", nargs="?", help="the medium (an image file)")
+    group.add_argument("--eject", action="store_true")
     c = cmd("console-log", "print the serial console log")
     c.add_argument("name")
     c.add_argument("--bytes", type=int, default=64 * 1024, help="at most this many (tail)")
@@ -173,6 +190,27 @@ async def run(args: argparse.Namespace) -> int:
             r = await client.call("qemu-monitor-command", {"name": args.name,
                                                            "command": command})
             print(json.dumps(r, indent=2) if args.json else json.dumps(r))
+        elif c == "attach-device":
+            r = await client.call("attach-device", {"name": args.name, "device": args.device,
+                                                    "config": args.config})
+            where = " and ".join(w for w, on in (("live", r["live"]),
+                                                 ("in the definition", r["config"])) if on)
+            _print(args, r, f"Device '{r['device']}' attached to '{r['name']}' ({where})")
+        elif c == "detach-device":
+            r = await client.call("detach-device", {"name": args.name,
+                                                    "device": args.device_id,
+                                                    "wait": args.wait, "config": args.config})
+            if r["pending"]:
+                msg = (f"Device '{r['device']}': removal from '{r['name']}' is pending (the "
+                       "guest has not released it yet; it completes when it does)")
+            else:
+                msg = f"Device '{r['device']}' detached from '{r['name']}'"
+            _print(args, r, msg)
+        elif c == "change-media":
+            r = await client.call("change-media", {"name": args.name, "device": args.cdrom_id,
+                                                   "path": args.path, "eject": args.eject})
+            _print(args, r, f"CD-ROM '{r['device']}' of '{r['name']}': "
+                   + (f"medium {r['medium']}" if r["medium"] else "ejected"))
         elif c == "console-log":
             r = await client.call("console-log", {"name": args.name, "max_bytes": args.bytes})
             _print(args, r, r["text"].rstrip("\n"))
@@ -231,6 +269,8 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         if args.verb == "define":
             args.definition = _read_definition(args.file)
+        elif args.verb == "attach-device":
+            args.device = _read_definition(args.file)
         return asyncio.run(run(args))
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)

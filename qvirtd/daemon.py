@@ -23,6 +23,7 @@ from .errors import ReplayGapError
 from .events import ReplayGap
 from .locks import LockWatch
 from .ops.context import Context
+from .ops.devices import Devices
 from .ops.lifecycle import Lifecycle
 from .ops.reconnect import Reconnector
 from .ops.runtime import Runtime
@@ -69,7 +70,9 @@ class Daemon:
         self.runtime = Runtime(self.ctx)
         self.ops = Lifecycle(self.ctx, self.runtime)
         self.reconnector = Reconnector(self.ctx, self.runtime)
-        self.server = RpcServer(build_methods(self.ctx, self.ops), settings.max_message_bytes,
+        self.devices = Devices(self.ctx)
+        self.server = RpcServer(build_methods(self.ctx, self.ops, self.devices),
+                                settings.max_message_bytes,
                                 settings.max_requests_in_flight,
                                 {"event": (EventParams, self._subscribe_events)},
                                 settings.client_write_timeout_s)

@@ -53,6 +53,12 @@ class Domain:
         self.pause_hint: Reason | None = None
         self.balloon_actual_bytes: int | None = None
         self.last_reset_at = float("-inf")  # monotonic time of QEMU's last RESET event
+        # Devices of the run: which root port each PCI device sits on, how many ports the
+        # QEMU has, devices whose unplug the guest has not confirmed, and detach waiters.
+        self.ports: dict[str, str] = {}
+        self.root_ports = 0
+        self.pending_detach: set[str] = set()
+        self.device_waiters: dict[str, asyncio.Future[None]] = {}
         self.event_pump: asyncio.Task[None] | None = None
         # The run's QMP events on their way to the pump: (name, data, QEMU's timestamp).
         self.qmp_queue: asyncio.Queue[tuple[str, dict[str, Any], float | None]] | None = None

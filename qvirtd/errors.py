@@ -6,6 +6,8 @@ so that `qvirsh` can print it as it is.
 
 from __future__ import annotations
 
+from pydantic import ValidationError
+
 
 class QvirtError(Exception):
     """An operation the daemon refused or could not finish."""
@@ -37,6 +39,10 @@ class MonitorError(QvirtError):
     """A QMP command failed: QEMU refused it, did not answer in time, or went away."""
 
     kind = "monitor"
+
+    def __init__(self, message: str, qmp_class: str | None = None) -> None:
+        super().__init__(message)
+        self.qmp_class = qmp_class  # QEMU's error class when QEMU refused the command
 
 
 class MonitorTimeoutError(MonitorError):
@@ -73,3 +79,14 @@ class ReplayGapError(QvirtError):
     """A subscriber asked to resume from a seq no longer in the replay buffer: re-read state."""
 
     kind = "replay-gap"
+
+
+def describe_validation_error(exc: ValidationError, prefix: str = "") -> str:
+    """Every offending field, named by its path, as one line."""
+    parts = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"])
+        where = f"{prefix}{loc}" if loc else (prefix.rstrip(".") or "(top)")
+        msg = "unknown field" if err["type"] == "extra_forbidden" else err["msg"]
+        parts.append(f"{where}: {msg}")
+    return "; ".join(parts)

@@ -105,7 +105,7 @@ class DiskDef(StrictModel):
 
 
 class CdromDef(StrictModel):
-    """A CD-ROM drive on the q35 AHCI controller; `path` None means an empty tray."""
+    """A CD-ROM drive (scsi-cd on a virtio-scsi controller); `path` None: an empty tray."""
 
     id: DeviceId
     path: HostPath | None = None
@@ -140,8 +140,7 @@ class DomainDef(StrictModel):
     machine: Literal["q35"] = "q35"
     boot: BootDef | None = None
     disks: list[DiskDef] = Field(default_factory=list, max_length=MAX_DEVICES_PER_KIND)
-    # q35's built-in AHCI controller has six ports.
-    cdroms: list[CdromDef] = Field(default_factory=list, max_length=6)
+    cdroms: list[CdromDef] = Field(default_factory=list, max_length=MAX_DEVICES_PER_KIND)
     nics: list[NicDef] = Field(default_factory=list, max_length=MAX_DEVICES_PER_KIND)
     hotplug_ports: int = Field(default=4, ge=0, le=MAX_DEVICES_PER_KIND)
     on_poweroff: LifecycleAction = LifecycleAction.DESTROY
@@ -151,12 +150,72 @@ class DomainDef(StrictModel):
     @model_validator(mode="after")
     def _unique_device_ids(self) -> DomainDef:
         seen: set[str] = set()
-        devices: list[DiskDef | CdromDef | NicDef] = [*self.disks, *self.cdroms, *self.nics]
-        for dev in devices:
+        for dev in all_devices(self):
             if dev.id in seen:
                 raise ValueError(f"device id {dev.id!r} is used twice")
             seen.add(dev.id)
         return self
+
+
+class DiskDevice(DiskDef):
+    kind: Literal["disk"]
+
+
+class CdromDevice(CdromDef):
+    kind: Literal["cdrom"]
+
+
+class NicDevice(NicDef):
+    kind: Literal["nic"]
+
+
+# A device FILE of `attach-device`: one object, `kind` says which list it would be in.
+DeviceSpec = Annotated[DiskDevice | CdromDevice | NicDevice, Field(discriminator="kind")]
+Device = DiskDef | CdromDef | NicDef
+
+
+def device_def(spec: DiskDevice | CdromDevice | NicDevice) -> Device:
+    """The definition entry a device spec stands for (the same fields without `kind`)."""
+    fields = spec.model_dump(exclude={"kind"})
+    if isinstance(spec, DiskDevice):
+        return DiskDef.model_validate(fields)
+    if isinstance(spec, CdromDevice):
+        return CdromDef.model_validate(fields)
+    return NicDef.model_validate(fields)
+
+
+def device_kind(device: Device) -> str:
+    return {DiskDef: "disk", CdromDef: "cdrom", NicDef: "nic"}[type(device)]
+
+
+def all_devices(definition: DomainDef) -> list[Device]:
+    devices: list[Device] = [*definition.disks, *definition.cdroms, *definition.nics]
+    return devices
+
+
+def find_device(definition: DomainDef, device_id: str) -> Device | None:
+    return next((d for d in all_devices(definition) if d.id == device_id), None)
+
+
+def with_device(definition: DomainDef, device: Device) -> DomainDef:
+    """A copy of `definition` with `device` added (validated: ids stay unique)."""
+    key = {"disk": "disks", "cdrom": "cdroms", "nic": "nics"}[device_kind(device)]
+    raw = definition.model_dump(mode="json")
+    raw[key].append(device.model_dump(mode="json"))
+    return DomainDef.model_validate(raw)
+
+
+def without_device(definition: DomainDef, device_id: str) -> DomainDef:
+    return definition.model_copy(update={
+        "disks": [d for d in definition.disks if d.id != device_id],
+        "cdroms": [c for c in definition.cdroms if c.id != device_id],
+        "nics": [n for n in definition.nics if n.id != device_id]})
+
+
+def with_medium(definition: DomainDef, cdrom_id: str, path: str | None) -> DomainDef:
+    return definition.model_copy(update={"cdroms": [
+        c.model_copy(update={"path": path}) if c.id == cdrom_id else c
+        for c in definition.cdroms]})
 
 
 class DomainState(enum.StrEnum):

@@ -61,6 +61,9 @@ class DomainStatus(StrictModel):
     saw_shutdown: bool = False
     fake_reboot: bool = False
     async_job: JobRecord | None = None
+    ports: dict[str, str] = {}
+    root_ports: int = 0
+    pending_detach: list[str] = []
     written: str = ""
 
 

@@ -49,6 +49,8 @@ class Context:
         self.qemu_path = os.path.realpath(found) if found else settings.qemu_binary
         # QEMU processes that name our run directory but that no status file accounts for.
         self.orphans: list[dict[str, Any]] = []
+        # Devices found in a QEMU but missing from its JSON config: a bug, reported.
+        self.device_warnings: list[str] = []
 
     def spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
         """Run `coro` as a task the daemon keeps a reference to (and logs if it fails)."""
@@ -175,6 +177,7 @@ class Context:
             state=dom.state, reason=dom.reason, persistent=dom.persistent,
             accel=dom.accel_in_use or "", definition=dom.live_def,
             stop_reason=dom.stop_reason, saw_shutdown=dom.saw_shutdown,
-            fake_reboot=dom.fake_reboot,
+            fake_reboot=dom.fake_reboot, ports=dom.ports, root_ports=dom.root_ports,
+            pending_detach=sorted(dom.pending_detach),
             async_job=JobRecord(kind=str(async_job.kind), owner=async_job.owner,
                                 since=async_job.started_at) if async_job else None))

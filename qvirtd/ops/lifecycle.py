@@ -19,6 +19,7 @@ from ..errors import (
     InvalidOperationError,
     NoDomainError,
     QvirtError,
+    describe_validation_error,
 )
 from ..job import JobKind
 from ..model import DomainDef, DomainState, Reason
@@ -26,17 +27,6 @@ from .context import Context
 from .runtime import Runtime
 
 log = logging.getLogger(__name__)
-
-
-def describe_validation_error(exc: ValidationError, prefix: str = "") -> str:
-    """Every offending field, named by its path, as one line."""
-    parts = []
-    for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"])
-        where = f"{prefix}{loc}" if loc else (prefix.rstrip(".") or "(top)")
-        msg = "unknown field" if err["type"] == "extra_forbidden" else err["msg"]
-        parts.append(f"{where}: {msg}")
-    return "; ".join(parts)
 
 
 class Lifecycle:

@@ -27,12 +27,14 @@ log = logging.getLogger(__name__)
 class FollowUpKind(enum.Enum):
     KILL = "kill"                  # stop QEMU (stop_reason already set)
     RESET_CONTINUE = "reset"       # system_reset + cont in the same QEMU
+    FINISH_DETACH = "detach"       # the guest released a device: drop its backends and entry
 
 
 @dataclass(frozen=True)
 class FollowUp:
     kind: FollowUpKind
     why: str
+    device: str | None = None
 
 
 def _action(ctx: Context, dom: Domain, action: LifecycleAction, stop_reason: Reason,
@@ -152,8 +154,15 @@ def _device_deleted(ctx: Context, dom: Domain, data: dict[str, Any]) -> FollowUp
     # QEMU sends DEVICE_DELETED for the device and for its parts (a virtio backend, with only
     # a QOM path): only the event that names the device id counts.
     device = data.get("device")
-    if device:
-        ctx.emit(dom, "device-removed", data={"device": device, "path": data.get("path")})
+    if not device:
+        return None
+    ctx.emit(dom, "device-removed", data={"device": device, "path": data.get("path")})
+    waiter = dom.device_waiters.get(device)
+    if waiter is not None and not waiter.done():
+        waiter.set_result(None)  # a detach is waiting for exactly this: it finishes itself
+        return None
+    if device in dom.pending_detach:
+        return FollowUp(FollowUpKind.FINISH_DETACH, f"detach-{device}", device)
     return None
 
 

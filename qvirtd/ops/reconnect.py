@@ -36,6 +36,7 @@ from ..qemu.process import QemuProcess, proc_start_time, proc_state, qemu_pids_m
 from ..status import DomainStatus, process_binary, remove_status, scan_statuses
 from . import qmp_events
 from .context import Context
+from .devices import reconcile
 from .runtime import STOP_DETAIL, Runtime
 
 log = logging.getLogger(__name__)
@@ -115,6 +116,9 @@ class Reconnector:
             dom.stop_reason = status.stop_reason
             dom.saw_shutdown = status.saw_shutdown
             dom.fake_reboot = status.fake_reboot
+            dom.ports = dict(status.ports)
+            dom.root_ports = status.root_ports
+            dom.pending_detach = set(status.pending_detach)
             dom.id = status.id
             if process is None:
                 accounted.update(self._gone(dom, run_dir, status))
@@ -233,6 +237,10 @@ class Reconnector:
             ctx.ensure_current(dom, generation, "reconnect")
             follow_up = qmp_events.resync(ctx, dom, str(qemu_status.get("status")))
             ctx.save_status(dom)
+        try:  # the JSON config against QEMU's own view of its devices
+            await reconcile(ctx, dom, generation)
+        except QvirtError as exc:
+            log.error("domain %s: comparing devices with QEMU failed: %s", dom.name, exc)
         if follow_up is not None:
             self.runtime.run_follow_up(dom, generation, follow_up)
         log.info("domain %s: reconnected (%s)", dom.name, qemu_status.get("status"))

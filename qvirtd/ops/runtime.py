@@ -27,13 +27,14 @@ from ..domain import Domain
 from ..errors import InvalidOperationError, NoDomainError, QvirtError
 from ..job import JobKind
 from ..model import Accel, DomainDef, DomainState, LifecycleAction, Reason
-from ..qemu.argv import LaunchPaths, build_argv
+from ..qemu.argv import LaunchPaths, build_argv, port_plan, root_port_id, total_ports
 from ..qemu.monitor import Monitor
 from ..qemu.process import QemuProcess, describe_status
 from ..qemu.unixpath import short_path
 from ..status import remove_status
 from . import qmp_events
 from .context import Context
+from .devices import finish_detach
 from .qmp_events import FollowUpKind
 
 log = logging.getLogger(__name__)
@@ -147,6 +148,9 @@ class Runtime:
                 dom.stop_reason = None
                 dom.saw_shutdown = False
                 dom.fake_reboot = False
+                dom.ports = {dev: root_port_id(i) for dev, i in port_plan(definition).items()}
+                dom.root_ports = total_ports(definition)
+                dom.pending_detach = set()
                 # Recorded before QEMU exists: a daemon killed between here and the next
                 # status write still knows a start was under way in this run directory.
                 ctx.save_status(dom)
@@ -360,9 +364,22 @@ class Runtime:
         ctx = self.ctx
         if follow_up.kind is FollowUpKind.KILL:
             ctx.spawn(self.kill(dom, generation), f"{follow_up.why}-{dom.name}")
+        elif follow_up.kind is FollowUpKind.FINISH_DETACH:
+            assert follow_up.device is not None
+            ctx.spawn(self._finish_detach(dom, generation, follow_up.device),
+                      f"{follow_up.why}-{dom.name}")
         else:
             ctx.spawn(self._restart_in_place(dom, generation, follow_up.why),
                       f"{follow_up.why}-{dom.name}")
+
+    async def _finish_detach(self, dom: Domain, generation: int, device_id: str) -> None:
+        """The guest released a device after its detach stopped waiting: take the slow lock
+        and finish the removal (backends, then the JSON entry)."""
+        try:
+            async with self.ctx.job(dom, JobKind.MODIFY, f"detach {device_id} (released)"):
+                await finish_detach(self.ctx, dom, generation, device_id)
+        except QvirtError as exc:
+            log.warning("domain %s: finishing the removal of %s: %s", dom.name, device_id, exc)
 
     async def _restart_in_place(self, dom: Domain, generation: int, why: str) -> None:
         """Reset and continue in the same QEMU (libvirt's fake reboot), as a job."""

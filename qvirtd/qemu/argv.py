@@ -22,6 +22,9 @@ from ..model import CdromDef, DiskDef, DomainDef, NicDef
 
 MONITOR_FD_ID = "qmp"
 SERIAL_ID = "serial0"
+SCSI_ID = "scsi0"
+# QEMU devices that are ours, not the user's: never compared with the definition's devices.
+INFRASTRUCTURE_IDS = frozenset({SERIAL_ID, SCSI_ID, "pvpanic0"})
 
 
 def opt(value: str) -> str:
@@ -44,6 +47,19 @@ def default_mac(domain_uuid: str, device_id: str) -> str:
     """A stable locally administered MAC (QEMU's 52:54:00 prefix) from the uuid and device id."""
     digest = hashlib.sha256(f"{domain_uuid}/{device_id}".encode()).digest()
     return "52:54:00:" + ":".join(f"{b:02x}" for b in digest[:3])
+
+
+def port_plan(definition: DomainDef) -> dict[str, int]:
+    """Which root port each PCI device of a starting domain sits on: the SCSI controller,
+    then disks, then NICs; the `hotplug_ports` after them are free for hotplug."""
+    plan = {SCSI_ID: 0}
+    for dev_id in [d.id for d in definition.disks] + [n.id for n in definition.nics]:
+        plan[dev_id] = len(plan)
+    return plan
+
+
+def total_ports(definition: DomainDef) -> int:
+    return 1 + len(definition.disks) + len(definition.nics) + definition.hotplug_ports
 
 
 def root_port_id(index: int) -> str:
@@ -88,9 +104,10 @@ def cdrom_blockdevs(cdrom: CdromDef) -> list[dict[str, Any]]:
              "read-only": True}]
 
 
-def cdrom_device(cdrom: CdromDef, index: int) -> dict[str, Any]:
-    # q35's built-in AHCI controller has six ports: ide.0 .. ide.5.
-    dev: dict[str, Any] = {"driver": "ide-cd", "id": cdrom.id, "bus": f"ide.{index}"}
+def cdrom_device(cdrom: CdromDef) -> dict[str, Any]:
+    """A CD-ROM on the virtio-scsi controller: hot-pluggable, and visible to guests whose
+    kernel has no AHCI driver; QEMU picks the SCSI target."""
+    dev: dict[str, Any] = {"driver": "scsi-cd", "id": cdrom.id, "bus": f"{SCSI_ID}.0"}
     if cdrom.path is not None:
         dev["drive"] = f"fmt-{cdrom.id}"
     return dev
@@ -156,29 +173,22 @@ def build_argv(definition: DomainDef, accel: str, qemu_binary: str, monitor_fd: 
             argv += ["-initrd", d.boot.initrd]
         if d.boot.cmdline:
             argv += ["-append", d.boot.cmdline]
-    port = 0
-    devices: list[dict[str, Any]] = []
+    plan = port_plan(d)
+    devices: list[dict[str, Any]] = [root_port_device(i) for i in range(total_ports(d))]
+    devices.append({"driver": "virtio-scsi-pci", "id": SCSI_ID,
+                    "bus": root_port_id(plan[SCSI_ID])})
     for disk in d.disks:
         for node in disk_blockdevs(disk):
             argv += ["-blockdev", jarg(node)]
-        devices.append(root_port_device(port))
-        devices.append(disk_device(disk, root_port_id(port)))
-        port += 1
-    for index, cdrom in enumerate(d.cdroms):
+        devices.append(disk_device(disk, root_port_id(plan[disk.id])))
+    for cdrom in d.cdroms:
         for node in cdrom_blockdevs(cdrom):
             argv += ["-blockdev", jarg(node)]
-        devices.append(cdrom_device(cdrom, index))
+        devices.append(cdrom_device(cdrom))
     for nic in d.nics:
         argv += ["-netdev", jarg(nic_netdev(nic))]
-        devices.append(root_port_device(port))
-        devices.append(nic_device(nic, uuid, root_port_id(port)))
-        port += 1
-    for _ in range(d.hotplug_ports):
-        devices.append(root_port_device(port))
-        port += 1
-    # Root ports must exist before the devices that plug into them: emit ports first.
-    ordered = [x for x in devices if x["driver"] == "pcie-root-port"]
-    ordered += [x for x in devices if x["driver"] != "pcie-root-port"]
-    for dev in ordered:
+        devices.append(nic_device(nic, uuid, root_port_id(plan[nic.id])))
+    # In order: root ports before what plugs into them, the SCSI controller before its CDs.
+    for dev in devices:
         argv += ["-device", jarg(dev)]
     return argv

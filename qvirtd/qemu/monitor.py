@@ -150,7 +150,8 @@ class Monitor:
                 f"{timeout:.1f} s") from None
         except ExecuteError as exc:
             raise MonitorError(
-                f"domain '{self.domain_name}': QEMU refused '{command}': {exc}") from exc
+                f"domain '{self.domain_name}': QEMU refused '{command}': {exc}",
+                exc.error_class) from exc
         except (ExecInterruptedError, QMPError, OSError, EOFError) as exc:
             self._closed = True
             raise MonitorClosedError(

@@ -12,10 +12,11 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ..locks import LockWatch
 from ..ops.context import Context
+from ..ops.devices import Devices
 from ..ops.lifecycle import Lifecycle
 
 
@@ -60,6 +61,29 @@ class MonitorCommandParams(NameParams):
     command: dict[str, Any]
 
 
+class AttachParams(NameParams):
+    device: dict[str, Any]
+    config: bool = False
+
+
+class DetachParams(NameParams):
+    device: Annotated[str, Field(min_length=1, max_length=64)]
+    wait: Annotated[float, Field(ge=0, le=3600)] = 5.0
+    config: bool = False
+
+
+class ChangeMediaParams(NameParams):
+    device: Annotated[str, Field(min_length=1, max_length=64)]
+    path: str | None = None
+    eject: bool = False
+
+    @model_validator(mode="after")
+    def _one_of(self) -> ChangeMediaParams:
+        if (self.path is None) == (not self.eject):
+            raise ValueError("give either path or eject, not both and not neither")
+        return self
+
+
 class EventParams(Params):
     domain: Annotated[str, Field(min_length=1, max_length=256)] | None = None
     events: list[Annotated[str, Field(max_length=64)]] | None = None
@@ -102,8 +126,18 @@ def _rss_kib() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
-def build_methods(ctx: Context, ops: Lifecycle) -> dict[str, Method]:
+def build_methods(ctx: Context, ops: Lifecycle, devices: Devices) -> dict[str, Method]:
     s = ctx.settings
+
+    async def attach_device(p: AttachParams, c: Caller) -> Any:
+        return await devices.attach(p.name, p.device, p.config, c.owner("attach-device"))
+
+    async def detach_device(p: DetachParams, c: Caller) -> Any:
+        return await devices.detach(p.name, p.device, p.wait, p.config,
+                                    c.owner("detach-device"))
+
+    async def change_media(p: ChangeMediaParams, c: Caller) -> Any:
+        return await devices.change_media(p.name, p.device, p.path, c.owner("change-media"))
 
     async def define(p: DefineParams, c: Caller) -> Any:
         return await ops.define(p.definition, c.owner("define"))
@@ -173,7 +207,7 @@ def build_methods(ctx: Context, ops: Lifecycle) -> dict[str, Method]:
         }
 
     async def daemon_warnings(p: NoParams, c: Caller) -> Any:
-        return [o["message"] for o in ctx.orphans]
+        return [o["message"] for o in ctx.orphans] + ctx.device_warnings
 
     table: dict[str, tuple[type[Params], Handler, str]] = {
         "define": (DefineParams, define, "create or update a persistent domain"),
@@ -190,6 +224,9 @@ def build_methods(ctx: Context, ops: Lifecycle) -> dict[str, Method]:
         "destroy": (NameParams, destroy, "stop QEMU now"),
         "autostart": (AutostartParams, autostart, "set or clear the autostart flag"),
         "qemu-monitor-command": (MonitorCommandParams, monitor_command, "one raw QMP command"),
+        "attach-device": (AttachParams, attach_device, "hotplug a device (and/or --config)"),
+        "detach-device": (DetachParams, detach_device, "hot-unplug a device"),
+        "change-media": (ChangeMediaParams, change_media, "insert or eject a CD-ROM medium"),
         "console-log": (ConsoleParams, console_log, "the tail of the serial console log"),
         "daemon-stats": (NoParams, daemon_stats, "daemon counters and lock statistics"),
         "daemon-warnings": (NoParams, daemon_warnings,

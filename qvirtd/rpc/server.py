@@ -22,8 +22,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from ..errors import QvirtError
-from ..ops.lifecycle import describe_validation_error
+from ..errors import QvirtError, describe_validation_error
 from .methods import Caller, Method, Params
 
 log = logging.getLogger(__name__)

@@ -229,9 +229,13 @@ def test_empty_cdrom_has_no_blockdev_and_no_drive() -> None:
     argv = build({"cdroms": [{"id": "cd0"}, {"id": "cd1", "path": "/iso/x.iso"}]})
     assert {b["node-name"] for b in json_args(argv, "-blockdev")} == {"file-cd1", "fmt-cd1"}
     devices = {d["id"]: d for d in json_args(argv, "-device")}
-    assert "drive" not in devices["cd0"]
-    assert devices["cd0"]["driver"] == "ide-cd"
-    assert [devices["cd0"]["bus"], devices["cd1"]["bus"]] == ["ide.0", "ide.1"]
+    assert "drive" not in devices["cd0"] and devices["cd1"]["drive"] == "fmt-cd1"
+    assert devices["cd0"]["driver"] == devices["cd1"]["driver"] == "scsi-cd"
+    assert devices["cd0"]["bus"] == devices["cd1"]["bus"] == "scsi0.0"
+    # ... on the virtio-scsi controller, which is declared before them, on a root port.
+    order = [d["id"] for d in json_args(argv, "-device")]
+    assert order.index("scsi0") < order.index("cd0")
+    assert devices["scsi0"]["driver"] == "virtio-scsi-pci"
 
 
 def test_netdev_backends() -> None:
@@ -324,7 +328,7 @@ def check_topology(argv: list[str]) -> tuple[list[str], dict[str, str]]:
                 assert (addr[0], 0) in addrs, f"{dev['addr']} before its slot's function 0"
             addrs.add(addr)
             ports.append(dev["id"])
-        elif dev["driver"] in ("virtio-blk-pci", "virtio-net-pci"):
+        elif dev["driver"] in ("virtio-blk-pci", "virtio-net-pci", "virtio-scsi-pci"):
             assert dev["bus"] in ports, f"{dev['id']} on {dev['bus']} before it is declared"
             assert dev["bus"] not in users, f"{dev['bus']} used twice"
             users[dev["bus"]] = dev["id"]
@@ -340,14 +344,14 @@ def test_every_pci_device_sits_on_its_own_root_port(hotplug_ports: int) -> None:
         "hotplug_ports": hotplug_ports,
     })
     ports, users = check_topology(argv)
-    assert sorted(users.values()) == ["d0", "d1", "n0", "n1", "n2"]
-    assert len(ports) == 5 + hotplug_ports
+    assert sorted(users.values()) == ["d0", "d1", "n0", "n1", "n2", "scsi0"]
+    assert len(ports) == 6 + hotplug_ports
     assert len(set(ports) - set(users)) == hotplug_ports
 
 
 def test_no_devices_only_hotplug_ports() -> None:
     ports, users = check_topology(build({"hotplug_ports": 3}))
-    assert len(ports) == 3 and users == {}
+    assert len(ports) == 4 and list(users.values()) == ["scsi0"]
 
 
 def test_device_ids_are_the_definition_ids() -> None:

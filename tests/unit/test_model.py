@@ -185,11 +185,11 @@ def test_unknown_accel_is_refused() -> None:
     assert "accel:" in refused({"name": "vm", "accel": "hvf"})
 
 
-def test_six_cdroms_accepted_seven_refused() -> None:
-    six = [{"id": f"cd{i}"} for i in range(6)]
-    assert len(DomainDef.model_validate({"name": "vm", "cdroms": six}).cdroms) == 6
-    seven = [{"id": f"cd{i}"} for i in range(7)]
-    assert "cdroms:" in refused({"name": "vm", "cdroms": seven})
+def test_cdroms_are_bounded_like_other_devices() -> None:
+    many = [{"id": f"cd{i}"} for i in range(32)]
+    assert len(DomainDef.model_validate({"name": "vm", "cdroms": many}).cdroms) == 32
+    too_many = [{"id": f"cd{i}"} for i in range(33)]
+    assert "cdroms:" in refused({"name": "vm", "cdroms": too_many})
 
 
 def test_too_many_disks_are_refused() -> None:

@@ -1,0 +1,376 @@
+"""Hotplug that never lets the JSON config and QEMU disagree (seed 004).
+
+The invariant: nothing exists in a live QEMU without an entry in that domain's JSON config
+(the live definition in its status file, written atomically). The locks, as the seed lays
+them out:
+
+* the fast lock is the domain lock: every read or edit of the JSON happens under it, and it is
+  never held across a QMP exchange (L4);
+* the slow lock is the domain's job: a QMP exchange that adds or removes a device happens
+  under it, and it is held continuously
+  - for an attach: from the moment the JSON describes the device until QEMU has answered, so
+    the device never exists in QEMU before its entry;
+  - for a detach: from the moment QEMU confirms the device is gone (DEVICE_DELETED for that
+    exact id, then its absence in /machine/peripheral) until the entry is removed, so the
+    entry never leaves while the device may still exist.
+
+Unplug needs the guest. `detach` waits (bounded) for DEVICE_DELETED; when time runs out the
+removal stays pending (recorded in the status file), and the event, whenever it comes, starts
+a job that finishes it. A destroy racing any of this needs neither lock: it kills QEMU, and
+the run's JSON goes with the run (see docs/design.md, "Hotplug").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Any
+
+from pydantic import TypeAdapter, ValidationError
+
+from ..domain import Domain
+from ..errors import (
+    InvalidDefinitionError,
+    InvalidOperationError,
+    MonitorError,
+    MonitorTimeoutError,
+    QvirtError,
+    describe_validation_error,
+)
+from ..job import JobKind
+from ..model import (
+    CdromDef,
+    Device,
+    DeviceSpec,
+    DiskDef,
+    NicDef,
+    all_devices,
+    device_def,
+    device_kind,
+    find_device,
+    with_device,
+    with_medium,
+    without_device,
+)
+from ..qemu.argv import (
+    INFRASTRUCTURE_IDS,
+    cdrom_blockdevs,
+    cdrom_device,
+    disk_blockdevs,
+    disk_device,
+    nic_device,
+    nic_netdev,
+)
+from .context import Context
+
+log = logging.getLogger(__name__)
+
+_SPEC = TypeAdapter(DeviceSpec)
+
+
+def parse_device(raw: Any) -> Device:
+    try:
+        return device_def(_SPEC.validate_python(raw))
+    except ValidationError as exc:
+        raise InvalidDefinitionError(
+            f"invalid device: {describe_validation_error(exc)}") from None
+
+
+def _backend_nodes(device: Device) -> list[str]:
+    if isinstance(device, DiskDef):
+        return [n["node-name"] for n in reversed(disk_blockdevs(device))]
+    if isinstance(device, CdromDef):
+        return [f"fmt-{device.id}", f"file-{device.id}"]
+    return []
+
+
+async def _ignore_missing(ctx: Context, dom: Domain, generation: int, command: str,
+                          args: dict[str, Any]) -> None:
+    """A cleanup command whose target may already be gone (that is fine)."""
+    try:
+        await ctx.qmp(dom, generation, command, args)
+    except MonitorError as exc:
+        missing = exc.qmp_class == "DeviceNotFound" or (
+            exc.qmp_class == "GenericError"
+            and any(s in str(exc) for s in ("not found", "Failed to find", "Cannot find")))
+        if not missing:
+            raise
+
+
+async def peripherals(ctx: Context, dom: Domain, generation: int) -> set[str]:
+    """The user devices QEMU has right now (its /machine/peripheral, less our own)."""
+    listing = await ctx.qmp(dom, generation, "qom-list", {"path": "/machine/peripheral"})
+    return {p["name"] for p in listing
+            if p["name"] not in INFRASTRUCTURE_IDS and not p["name"].startswith("rp")}
+
+
+async def finish_detach(ctx: Context, dom: Domain, generation: int, device_id: str) -> bool:
+    """Under the slow lock (the caller holds the job): if QEMU confirms `device_id` is gone,
+    delete its backends and only then drop its JSON entry. False if it is still there."""
+    async with dom.lock:  # fast lock: read the entry
+        ctx.ensure_current(dom, generation, "detach")
+        device = find_device(dom.definition, device_id)
+    if device is None:
+        return True  # already finished (the detach that waited, or a reconnect)
+    if device_id in await peripherals(ctx, dom, generation):
+        return False
+    for node in _backend_nodes(device):
+        await _ignore_missing(ctx, dom, generation, "blockdev-del", {"node-name": node})
+    if isinstance(device, NicDef):
+        await _ignore_missing(ctx, dom, generation, "netdev_del", {"id": f"net-{device.id}"})
+    async with dom.lock:  # fast lock: QEMU has none of it now; the entry may go
+        ctx.ensure_current(dom, generation, "detach")
+        assert dom.live_def is not None
+        dom.live_def = without_device(dom.live_def, device_id)
+        dom.ports.pop(device_id, None)
+        dom.pending_detach.discard(device_id)
+        ctx.save_status(dom)
+    log.info("domain %s: device %s removed", dom.name, device_id)
+    return True
+
+
+async def reconcile(ctx: Context, dom: Domain, generation: int) -> None:
+    """After a reconnect (the caller holds the job): compare QEMU's devices with the JSON.
+    An entry QEMU lacks is cleaned (an attach or detach cut short); a device QEMU has but the
+    JSON lacks is a bug: logged and reported, never silently adopted."""
+    present = await peripherals(ctx, dom, generation)
+    blocks = await ctx.qmp(dom, generation, "query-block")
+    media = {b.get("qdev", "").rsplit("/", 1)[-1]: (b.get("inserted") or {}).get("file")
+             for b in blocks}
+    async with dom.lock:  # fast lock
+        ctx.ensure_current(dom, generation, "reconnect")
+        known = {d.id: d for d in all_devices(dom.definition)}
+    for device_id in sorted(set(known) - present):
+        log.warning("domain %s: device %s is in the JSON config but not in QEMU: cleaning "
+                    "the entry (an attach or detach was cut short)", dom.name, device_id)
+        await finish_detach(ctx, dom, generation, device_id)
+    for device_id in sorted(present - set(known)):
+        msg = (f"domain '{dom.name}': device '{device_id}' exists in QEMU but not in its JSON "
+               "config: this is a qvirtd bug, please report it")
+        log.error(msg)
+        ctx.device_warnings.append(msg)
+    async with dom.lock:  # fast lock: stale CD media entries
+        ctx.ensure_current(dom, generation, "reconnect")
+        assert dom.live_def is not None
+        for cd in dom.live_def.cdroms:
+            inserted = media.get(cd.id)
+            if cd.path is not None and inserted is None:
+                log.warning("domain %s: %s has no medium in QEMU: clearing the stale entry",
+                            dom.name, cd.id)
+                dom.live_def = with_medium(dom.live_def, cd.id, None)
+            elif inserted is not None and cd.path != inserted:
+                msg = (f"domain '{dom.name}': CD-ROM '{cd.id}' holds {inserted} in QEMU but "
+                       f"{cd.path} in its JSON config: this is a qvirtd bug")
+                log.error(msg)
+                ctx.device_warnings.append(msg)
+        ctx.save_status(dom)
+
+
+class Devices:
+    """attach-device, detach-device and change-media."""
+
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+
+    async def attach(self, ident: str, raw: Any, config: bool, owner: str) -> dict[str, Any]:
+        ctx = self.ctx
+        device = parse_device(raw)
+        dom = await ctx.lookup(ident)
+        async with ctx.job(dom, JobKind.MODIFY, owner):  # the slow lock
+            async with dom.lock:  # fast lock: check, then describe the device in the JSON
+                live = dom.active
+                if not live and not config:
+                    raise InvalidOperationError(
+                        f"domain '{dom.name}' is not running: use --config to add the device "
+                        "to its definition")
+                if config:
+                    if dom.persistent_def is None:
+                        raise InvalidOperationError(f"domain '{dom.name}' is transient: "
+                                                    "it has no definition to change")
+                    self._check_free_id(dom, dom.persistent_def, device.id)
+                    new_persistent = self._added(dom.persistent_def, device)
+                if live:
+                    generation = ctx.running_generation(dom)
+                    assert dom.live_def is not None
+                    self._check_free_id(dom, dom.live_def, device.id)
+                    port = self._free_port(dom) if not isinstance(device, CdromDef) else None
+                    dom.live_def = self._added(dom.live_def, device)
+                    if port is not None:
+                        dom.ports[device.id] = port
+                    ctx.save_status(dom)  # the JSON describes it before QEMU gets it
+            if live:
+                await self._plug(dom, generation, device, port)
+                async with dom.lock:  # fast lock
+                    ctx.emit(dom, "device-added", data={"device": device.id,
+                                                        "kind": device_kind(device)})
+            if config:
+                async with dom.lock:  # fast lock
+                    ctx.store.save(new_persistent)
+                    dom.persistent_def = new_persistent
+                    ctx.emit(dom, "lifecycle", "defined", "updated")
+        return {"name": dom.name, "device": device.id, "live": live, "config": config}
+
+    @staticmethod
+    def _check_free_id(dom: Domain, definition: Any, device_id: str) -> None:
+        if device_id in dom.pending_detach:
+            raise InvalidOperationError(
+                f"device '{device_id}' of domain '{dom.name}' is still being removed (the "
+                "guest has not released it): attach it again once it is gone")
+        if find_device(definition, device_id) is not None:
+            raise InvalidOperationError(
+                f"domain '{dom.name}' already has a device '{device_id}'")
+
+    @staticmethod
+    def _added(definition: Any, device: Device) -> Any:
+        try:
+            return with_device(definition, device)
+        except ValidationError as exc:
+            raise InvalidDefinitionError(
+                f"cannot add device '{device.id}': {describe_validation_error(exc)}") from None
+
+    @staticmethod
+    def _free_port(dom: Domain) -> str:
+        used = set(dom.ports.values())
+        for i in range(dom.root_ports):
+            if f"rp{i}" not in used:
+                return f"rp{i}"
+        raise InvalidOperationError(
+            f"domain '{dom.name}' has no free PCIe port for hotplug (it started with "
+            f"{dom.root_ports} root ports, all in use): raise hotplug_ports and restart it")
+
+    async def _plug(self, dom: Domain, generation: int, device: Device,
+                    port: str | None) -> None:
+        """The QMP exchange of an attach (slow lock held). On a refusal, undo what QEMU has
+        and only then drop the JSON entry; on an unknown outcome (timeout), keep it."""
+        ctx = self.ctx
+        added: list[tuple[str, dict[str, Any]]] = []
+        try:
+            if isinstance(device, DiskDef):
+                for node in disk_blockdevs(device):
+                    await ctx.qmp(dom, generation, "blockdev-add", node)
+                    added.append(("blockdev-del", {"node-name": node["node-name"]}))
+                assert port is not None
+                await ctx.qmp(dom, generation, "device_add", disk_device(device, port))
+            elif isinstance(device, CdromDef):
+                for node in cdrom_blockdevs(device):
+                    await ctx.qmp(dom, generation, "blockdev-add", node)
+                    added.append(("blockdev-del", {"node-name": node["node-name"]}))
+                await ctx.qmp(dom, generation, "device_add", cdrom_device(device))
+            else:
+                await ctx.qmp(dom, generation, "netdev_add", nic_netdev(device))
+                added.append(("netdev_del", {"id": f"net-{device.id}"}))
+                assert port is not None
+                await ctx.qmp(dom, generation, "device_add",
+                              nic_device(device, dom.uuid, port))
+        except MonitorTimeoutError as exc:
+            raise QvirtError(f"{exc}; whether QEMU added device '{device.id}' is unknown, so "
+                             "its entry stays in the JSON config (the next reconnect or "
+                             "detach settles it)") from exc
+        except MonitorError:
+            for command, args in reversed(added):
+                await _ignore_missing(ctx, dom, generation, command, args)
+            async with dom.lock:  # fast lock: QEMU has none of it; the entry may go
+                if dom.is_current(generation) and dom.live_def is not None:
+                    dom.live_def = without_device(dom.live_def, device.id)
+                    dom.ports.pop(device.id, None)
+                    ctx.save_status(dom)
+            raise
+
+    async def detach(self, ident: str, device_id: str, wait_s: float, config: bool,
+                     owner: str) -> dict[str, Any]:
+        ctx = self.ctx
+        dom = await ctx.lookup(ident)
+        removed = False
+        async with ctx.job(dom, JobKind.MODIFY, owner):  # the slow lock
+            async with dom.lock:  # fast lock
+                live = dom.active and find_device(dom.definition, device_id) is not None
+                in_config = (dom.persistent_def is not None
+                             and find_device(dom.persistent_def, device_id) is not None)
+                if not live and not (config and in_config):
+                    raise InvalidOperationError(
+                        f"domain '{dom.name}' has no device '{device_id}'"
+                        + ("" if dom.active or config else " (it is not running: use "
+                           "--config to change its definition)"))
+                if live:
+                    if device_id in dom.pending_detach:
+                        raise InvalidOperationError(
+                            f"removal of device '{device_id}' from domain '{dom.name}' is "
+                            "already pending: the guest has not released it yet")
+                    generation = ctx.running_generation(dom)
+                    dom.pending_detach.add(device_id)
+                    ctx.save_status(dom)
+                    waiter = dom.device_waiters.setdefault(
+                        device_id, asyncio.get_running_loop().create_future())
+            if live:
+                try:
+                    try:
+                        await _ignore_missing(ctx, dom, generation, "device_del",
+                                              {"id": device_id})
+                    except MonitorError as exc:
+                        if not isinstance(exc, MonitorTimeoutError):  # refused: not pending
+                            async with dom.lock:  # fast lock
+                                dom.pending_detach.discard(device_id)
+                                ctx.save_status(dom)
+                        raise
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(asyncio.shield(waiter), wait_s)
+                    removed = await finish_detach(ctx, dom, generation, device_id)
+                finally:
+                    async with dom.lock:  # fast lock
+                        if dom.device_waiters.get(device_id) is waiter and waiter.done():
+                            del dom.device_waiters[device_id]
+            if config and in_config:
+                async with dom.lock:  # fast lock
+                    assert dom.persistent_def is not None
+                    new_persistent = without_device(dom.persistent_def, device_id)
+                    ctx.store.save(new_persistent)
+                    dom.persistent_def = new_persistent
+                    ctx.emit(dom, "lifecycle", "defined", "updated")
+        return {"name": dom.name, "device": device_id, "live": live,
+                "removed": removed if live else None, "pending": live and not removed,
+                "config": config and in_config}
+
+    async def change_media(self, ident: str, cdrom_id: str, path: str | None,
+                           owner: str) -> dict[str, Any]:
+        """Insert, eject or change a CD-ROM medium. QEMU's own view decides what is in the
+        drive, so a stale JSON entry (the guest ejected it) never blocks a new medium."""
+        ctx = self.ctx
+        if path is not None:
+            try:
+                path = CdromDef(id="cd", path=path).path
+            except ValidationError as exc:
+                raise InvalidDefinitionError(
+                    f"invalid medium: {describe_validation_error(exc)}") from None
+        dom = await ctx.lookup(ident)
+        async with ctx.job(dom, JobKind.MODIFY, owner):  # the slow lock
+            async with dom.lock:  # fast lock
+                generation = ctx.running_generation(dom)
+                cd = find_device(dom.definition, cdrom_id)
+                if not isinstance(cd, CdromDef):
+                    raise InvalidOperationError(
+                        f"domain '{dom.name}' has no CD-ROM '{cdrom_id}'")
+            blocks = await ctx.qmp(dom, generation, "query-block")
+            inserted = any(b.get("qdev", "").rsplit("/", 1)[-1] == cdrom_id
+                           and b.get("inserted") for b in blocks)
+            await ctx.qmp(dom, generation, "blockdev-open-tray", {"id": cdrom_id,
+                                                                  "force": True})
+            if inserted:
+                await ctx.qmp(dom, generation, "blockdev-remove-medium", {"id": cdrom_id})
+            for node in _backend_nodes(cd):
+                await _ignore_missing(ctx, dom, generation, "blockdev-del", {"node-name": node})
+            async with dom.lock:  # fast lock: the old medium is out of QEMU; describe the new
+                ctx.ensure_current(dom, generation, "change-media")
+                assert dom.live_def is not None
+                dom.live_def = with_medium(dom.live_def, cdrom_id, path)
+                ctx.save_status(dom)
+            if path is not None:
+                new = CdromDef(id=cdrom_id, path=path)
+                for spec in cdrom_blockdevs(new):
+                    await ctx.qmp(dom, generation, "blockdev-add", spec)
+                await ctx.qmp(dom, generation, "blockdev-insert-medium",
+                              {"id": cdrom_id, "node-name": f"fmt-{cdrom_id}"})
+            await ctx.qmp(dom, generation, "blockdev-close-tray", {"id": cdrom_id})
+            async with dom.lock:  # fast lock
+                ctx.emit(dom, "tray-change", data={"device": cdrom_id, "medium": path})
+        return {"name": dom.name, "device": cdrom_id, "medium": path}
