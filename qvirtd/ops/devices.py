@@ -101,8 +101,9 @@ async def _ignore_missing(ctx: Context, dom: Domain, generation: int, command: s
 async def peripherals(ctx: Context, dom: Domain, generation: int) -> set[str]:
     """The user devices QEMU has right now (its /machine/peripheral, less our own)."""
     listing = await ctx.qmp(dom, generation, "qom-list", {"path": "/machine/peripheral"})
-    return {p["name"] for p in listing
-            if p["name"] not in INFRASTRUCTURE_IDS and not p["name"].startswith("rp")}
+    # Children only: the container also lists its own properties (such as "type").
+    return {p["name"] for p in listing if str(p.get("type", "")).startswith("child<")
+            and p["name"] not in INFRASTRUCTURE_IDS and not p["name"].startswith("rp")}
 
 
 async def finish_detach(ctx: Context, dom: Domain, generation: int, device_id: str) -> bool:
@@ -150,21 +151,28 @@ async def reconcile(ctx: Context, dom: Domain, generation: int) -> None:
                "config: this is a qvirtd bug, please report it")
         log.error(msg)
         ctx.device_warnings.append(msg)
-    async with dom.lock:  # fast lock: stale CD media entries
+    async with dom.lock:  # fast lock: CD-ROM entries against QEMU's drives
         ctx.ensure_current(dom, generation, "reconnect")
-        assert dom.live_def is not None
-        for cd in dom.live_def.cdroms:
-            inserted = media.get(cd.id)
-            if cd.path is not None and inserted is None:
-                log.warning("domain %s: %s has no medium in QEMU: clearing the stale entry",
-                            dom.name, cd.id)
+        cdroms = list(dom.definition.cdroms)
+    for cd in cdroms:
+        inserted = media.get(cd.id)
+        if cd.path is not None and inserted is None:
+            # A medium change cut short: the medium left the drive, maybe not yet its nodes.
+            # Delete those first (slow lock held), then the stale entry (fast lock).
+            log.warning("domain %s: %s has no medium in QEMU: clearing the stale entry",
+                        dom.name, cd.id)
+            for node in _backend_nodes(cd):
+                await _ignore_missing(ctx, dom, generation, "blockdev-del", {"node-name": node})
+            async with dom.lock:  # fast lock
+                ctx.ensure_current(dom, generation, "reconnect")
+                assert dom.live_def is not None
                 dom.live_def = with_medium(dom.live_def, cd.id, None)
-            elif inserted is not None and cd.path != inserted:
-                msg = (f"domain '{dom.name}': CD-ROM '{cd.id}' holds {inserted} in QEMU but "
-                       f"{cd.path} in its JSON config: this is a qvirtd bug")
-                log.error(msg)
-                ctx.device_warnings.append(msg)
-        ctx.save_status(dom)
+                ctx.save_status(dom)
+        elif inserted is not None and cd.path != inserted:
+            msg = (f"domain '{dom.name}': CD-ROM '{cd.id}' holds {inserted} in QEMU but "
+                   f"{cd.path} in its JSON config: this is a qvirtd bug")
+            log.error(msg)
+            ctx.device_warnings.append(msg)
 
 
 class Devices:
@@ -317,8 +325,10 @@ class Devices:
                         await asyncio.wait_for(asyncio.shield(waiter), wait_s)
                     removed = await finish_detach(ctx, dom, generation, device_id)
                 finally:
+                    # No longer waiting: a DEVICE_DELETED from now on finishes the removal
+                    # through its own job (qmp_events), not through this waiter.
                     async with dom.lock:  # fast lock
-                        if dom.device_waiters.get(device_id) is waiter and waiter.done():
+                        if dom.device_waiters.get(device_id) is waiter:
                             del dom.device_waiters[device_id]
             if config and in_config:
                 async with dom.lock:  # fast lock
