@@ -283,6 +283,12 @@ class Runtime:
                 with contextlib.suppress(FileNotFoundError):
                     (dom.run_dir / "monitor.sock").unlink()
             dom.qmp_queue = None
+            # Wake every detach waiting for the guest: it re-checks the run (L5) and fails.
+            for waiter in dom.device_waiters.values():
+                if not waiter.done():
+                    waiter.set_result(None)
+            dom.device_waiters.clear()
+            dom.pending_detach.clear()
             dom.run_ended.set()
         if process is not None:
             process.close()

@@ -245,3 +245,57 @@ async def test_running_out_of_hotplug_ports(daemon: Daemon) -> None:
     finally:
         await client.close()
 
+
+
+async def test_destroy_racing_a_hotplug(daemon: Daemon) -> None:
+    """A detach waiting on a guest that never releases, then destroy: the detach ends
+    cleanly, QEMU and its JSON config go together, nothing is left behind."""
+    daemon.define(tiny_definition("race"))
+    daemon.qvirsh("start", "race")
+    img = daemon.root / "r.raw"
+    img.write_bytes(b"\0" * 65536)
+    daemon.qvirsh("attach-device", "race", device_file(
+        daemon, {"kind": "disk", "id": "rd", "path": str(img)}))
+    client = await daemon.client()
+    try:
+        detach = asyncio.create_task(client.call(
+            "detach-device", {"name": "race", "device": "rd", "wait": 30}))
+        await asyncio.sleep(0.5)
+        await client.call("destroy", {"name": "race"})
+        with pytest.raises(RpcError) as err:
+            await asyncio.wait_for(detach, 10)
+        assert err.value.kind == "domain-gone" and "destroyed" in str(err.value)
+        info = await client.call("dominfo", {"name": "race"})
+        assert info["state"] == "shutoff" and info["job"] == {"job": None, "async_job": None}
+        assert not (daemon.root / "run" / "domains" / "race" / "status.json").exists()
+        assert daemon.qemu_pids() == []
+        # The persistent definition never had the device; a new run starts clean.
+        await client.call("start", {"name": "race"})
+        assert "rd" not in json_devices(daemon, "race")
+        await client.call("destroy", {"name": "race"})
+    finally:
+        await client.close()
+
+
+async def test_start_racing_undefine(daemon: Daemon) -> None:
+    daemon.define(tiny_definition("fleeting"))
+    client = await daemon.client()
+    try:
+        start = asyncio.create_task(client.call("start", {"name": "fleeting"}))
+        undefine = asyncio.create_task(client.call("undefine", {"name": "fleeting"}))
+        results = await asyncio.gather(start, undefine, return_exceptions=True)
+        listed = {d["name"]: d for d in await client.call("list", {"all": True})}
+        assert not (daemon.root / "state" / "domains" / "fleeting.json").exists()
+        if isinstance(results[0], BaseException):
+            # the undefine got in first: nothing to start, nothing left
+            assert "fleeting" not in listed and daemon.qemu_pids() == []
+        else:
+            # the start ran first (the undefine waited for its job): transient and running
+            assert listed["fleeting"]["persistent"] is False
+            assert listed["fleeting"]["state"] == "running"
+            await client.call("destroy", {"name": "fleeting"})
+            assert "fleeting" not in {d["name"] for d in await client.call("list",
+                                                                            {"all": True})}
+        assert not isinstance(results[1], BaseException), results[1]
+    finally:
+        await client.close()
