@@ -47,4 +47,5 @@ clean:
 	rm -rf $(VENV) build *.egg-info .mypy_cache .ruff_cache .pytest_cache
 
 bench: setup
+	$(PY) benchmarks/bench_compare.py
 	$(PY) benchmarks/bench_events.py

@@ -80,7 +80,9 @@ class Qvirtd:
     """A private daemon under a temporary --root; stop() kills every QEMU it started."""
 
     def __init__(self, settings: dict[str, Any] | None = None) -> None:
-        self.root = Path(tempfile.mkdtemp(prefix="qvb-", dir="/tmp"))
+        # QVIRTD_BENCH_DIR=/dev/shm puts the daemon's files on tmpfs, as /run is in production.
+        where = os.environ.get("QVIRTD_BENCH_DIR", "/tmp")
+        self.root = Path(tempfile.mkdtemp(prefix="qvb-", dir=where))
         self.socket = self.root / "run" / "qvirtd.sock"
         lines = [f"{k} = {json.dumps(v)}" for k, v in (settings or {}).items()]
         (self.root / "qvirtd.toml").write_text("\n".join(lines) + "\n")

@@ -73,7 +73,9 @@ def status_path(run_dir: Path) -> Path:
 
 def save_status(status: DomainStatus) -> None:
     status.written = datetime.datetime.now(datetime.UTC).isoformat(timespec="milliseconds")
-    atomic_write_json(status_path(Path(status.run_dir)), status.model_dump(mode="json"))
+    # Atomic, not durable: see atomic_write_bytes (a status file describes live processes).
+    atomic_write_json(status_path(Path(status.run_dir)), status.model_dump(mode="json"),
+                      durable=False)
 
 
 def remove_status(run_dir: Path) -> None:

@@ -20,15 +20,23 @@ from .model import DomainDef
 log = logging.getLogger(__name__)
 
 
-def atomic_write_bytes(path: Path, data: bytes, mode: int = 0o600) -> None:
-    """Replace `path` with `data` atomically (temp file, fsync, rename, fsync dir)."""
+def atomic_write_bytes(path: Path, data: bytes, mode: int = 0o600,
+                       durable: bool = True) -> None:
+    """Replace `path` with `data` atomically (temp file, fsync, rename, fsync dir).
+
+    `durable=False` skips both fsyncs: the rename alone keeps the file whole across a crash
+    of the daemon (a killed process cannot lose what it wrote to the page cache); only a
+    power cut could, and that is fine for files that describe running processes (status
+    files), which a power cut ends anyway.
+    """
     tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
     try:
         with os.fdopen(fd, "wb", closefd=True) as f:
             f.write(data)
             f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -36,6 +44,8 @@ def atomic_write_bytes(path: Path, data: bytes, mode: int = 0o600) -> None:
         except FileNotFoundError:
             pass
         raise
+    if not durable:
+        return
     dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         os.fsync(dir_fd)
@@ -43,8 +53,9 @@ def atomic_write_bytes(path: Path, data: bytes, mode: int = 0o600) -> None:
         os.close(dir_fd)
 
 
-def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+def atomic_write_json(path: Path, obj: Any, durable: bool = True) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode(),
+                       durable=durable)
 
 
 def remove_file(path: Path) -> None:

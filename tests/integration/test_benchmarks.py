@@ -24,10 +24,13 @@ def run_quick(script: str) -> dict:  # type: ignore[type-arg]
     return json.loads(doc)  # type: ignore[no-any-return]
 
 
-@pytest.mark.parametrize("script", ["bench_events.py"])
+@pytest.mark.parametrize("script", ["bench_events.py", "bench_compare.py"])
 def test_benchmark_runs_in_quick_mode(script: str) -> None:
     result = run_quick(script)
     assert result["machine"]["cores"] and result["date"] and "--quick" in result["command"]
     if script == "bench_events.py":
         assert result["latency"]["samples"] > 0
         assert result["throughput"]["events"] > 0
+    else:
+        assert set(result["start"]) == {"1", "3"} and result["queries"]["8"] > 0
+        assert result["frozen"]["destroy_s"] > 0 and result["memory"]["rss_kib"] > 0

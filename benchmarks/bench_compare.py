@@ -1,0 +1,278 @@
+"""qvirtd against the floor, measured side by side in one run (issue 6).
+
+The floor is bare QEMU started straight from asyncio with qemu.qmp, no daemon, with the same
+command line qvirtd builds for the same domain (`-S`, then `cont`). Scenarios:
+
+* start N no-OS domains (64 MiB, q35) concurrently, N = 1, 20, 50: wall time to all running;
+* dominfo queries per second from 1 and 8 concurrent clients (separate processes);
+* a frozen QEMU (SIGSTOP), with the daemon's default timeouts: p50/p99 of queries on healthy
+  domains (against the same unloaded), time until a command on the frozen domain fails,
+  until a second job on it fails, and until destroy has removed it;
+* memory: daemon RSS with 1,000 defined and 50 running domains;
+* the driver lock's hold time (p99, max) under the start-50 scenario (daemon-stats).
+
+Usage: python benchmarks/bench_compare.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import multiprocessing
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import Qvirtd, emit, header, kill_qemus_mentioning, percentile
+from qemu.qmp import QMPClient
+
+from qvirtd.client import Client, RpcError
+from qvirtd.model import Accel, DomainDef
+from qvirtd.ops.runtime import resolve_accel
+from qvirtd.qemu.argv import LaunchPaths, build_argv
+
+TINY = {"memory_mib": 64, "vcpus": 1}
+
+
+# --- the floor ---------------------------------------------------------------------------
+
+async def floor_start(n: int) -> float:
+    """Spawn n QEMUs with qvirtd's command line, connect QMP, `cont`: seconds to all running."""
+    root = Path(tempfile.mkdtemp(prefix="qvfloor-", dir="/tmp"))
+    accel = resolve_accel(Accel.AUTO)
+    procs: list[subprocess.Popen[bytes]] = []
+    clients: list[QMPClient] = []
+
+    async def one(i: int) -> None:
+        run_dir = root / f"f{i}"
+        run_dir.mkdir()
+        paths = LaunchPaths(run_dir, run_dir / "monitor.sock", run_dir / "console.log")
+        listener = socket.socket(socket.AF_UNIX)
+        listener.bind(str(paths.monitor_socket))
+        listener.listen(8)
+        argv = build_argv(DomainDef(name=f"f{i}", **TINY), accel, "qemu-system-x86_64",
+                          listener.fileno(), paths)
+        with open(run_dir / "qemu.log", "wb") as log:
+            # Spawned as qvirtd spawns QEMU (Popen, own session), so the comparison is fair.
+            procs.append(subprocess.Popen(  # noqa: ASYNC220
+                argv, pass_fds=[listener.fileno()], stdout=log, stderr=log,
+                start_new_session=True))
+        listener.close()
+        qmp = QMPClient(f"f{i}")
+        clients.append(qmp)
+        await qmp.connect(str(paths.monitor_socket))
+        await qmp.execute("cont")
+
+    start = time.perf_counter()
+    try:
+        await asyncio.gather(*(one(i) for i in range(n)))
+        return time.perf_counter() - start
+    finally:
+        for qmp in clients:
+            try:
+                await qmp.disconnect()
+            except Exception:  # the library re-raises the connection's error here
+                pass
+        for p in procs:
+            p.kill()
+            p.wait()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+# --- qvirtd ------------------------------------------------------------------------------
+
+async def connect_many(daemon: Qvirtd, n: int) -> list[Client]:
+    return [await Client.connect(daemon.socket) for _ in range(n)]
+
+
+async def qvirtd_start(n: int) -> dict[str, Any]:
+    """Start n defined domains from n clients at once: seconds to all running; lock stats."""
+    daemon = Qvirtd()
+    try:
+        clients = await connect_many(daemon, n)
+        for i in range(n):
+            await clients[0].call("define", {"definition": {"name": f"s{i}", **TINY}})
+        start = time.perf_counter()
+        infos = await asyncio.gather(*(c.call("start", {"name": f"s{i}"})
+                                       for i, c in enumerate(clients)))
+        elapsed = time.perf_counter() - start
+        assert all(i["state"] == "running" for i in infos)
+        stats = await clients[0].call("daemon-stats")
+        await asyncio.gather(*(c.call("destroy", {"name": f"s{i}"})
+                               for i, c in enumerate(clients)))
+        for c in clients:
+            await c.close()
+        return {"seconds": elapsed, "driver_lock": stats["driver_lock"]}
+    finally:
+        daemon.stop()
+
+
+def _query_worker(sock: str, name: str, seconds: float, out: Any) -> None:
+    async def run() -> int:
+        client = await Client.connect(sock)
+        count = 0
+        deadline = time.perf_counter() + seconds
+        while time.perf_counter() < deadline:
+            await client.call("dominfo", {"name": name})
+            count += 1
+        await client.close()
+        return count
+    out.put(asyncio.run(run()))
+
+
+def query_rate(sock: Path, name: str, clients: int, seconds: float) -> float:
+    """dominfo calls per second, summed over `clients` processes."""
+    ctx = multiprocessing.get_context("spawn")
+    out = ctx.Queue()
+    workers = [ctx.Process(target=_query_worker, args=(str(sock), name, seconds, out))
+               for _ in range(clients)]
+    for w in workers:
+        w.start()
+    total = sum(out.get(timeout=seconds + 60) for _ in workers)
+    for w in workers:
+        w.join()
+    return total / seconds
+
+
+async def latencies(client: Client, name: str, seconds: float) -> list[float]:
+    samples: list[float] = []
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        t = time.perf_counter()
+        await client.call("dominfo", {"name": name})
+        samples.append(time.perf_counter() - t)
+        await asyncio.sleep(0.005)
+    return samples
+
+
+async def finished_at(call: Any) -> float:
+    """When `call` ended (it is expected to fail: the domain is frozen)."""
+    try:
+        await call
+    except RpcError:
+        pass
+    return time.perf_counter()
+
+
+async def frozen(quick: bool) -> dict[str, Any]:
+    """One QEMU SIGSTOPped; default timeouts (monitor 10 s, job wait 30 s)."""
+    daemon = Qvirtd({"monitor_timeout_s": 2.0, "job_wait_timeout_s": 1.0} if quick else {})
+    try:
+        a, b, c = await connect_many(daemon, 3)
+        for name in ("healthy", "frozen"):
+            await a.call("define", {"definition": {"name": name, **TINY}})
+            await a.call("start", {"name": name})
+        unloaded = await latencies(c, "healthy", 1.0 if quick else 3.0)
+        pid = (await a.call("dominfo", {"name": "frozen"}))["pid"]
+        os.kill(pid, signal.SIGSTOP)
+        t0 = time.perf_counter()
+        first = asyncio.create_task(finished_at(a.call("suspend", {"name": "frozen"})))
+        await asyncio.sleep(0.1)
+        second = asyncio.create_task(finished_at(b.call("resume", {"name": "frozen"})))
+        loaded: list[float] = []
+        while not second.done():
+            loaded += await latencies(c, "healthy", 0.5)
+        t_first = await first - t0
+        t_second = await second - t0
+        t = time.perf_counter()
+        await c.call("destroy", {"name": "frozen"})
+        t_destroy = time.perf_counter() - t
+        for cl in (a, b, c):
+            await cl.close()
+        return {"unloaded_p50_ms": percentile(unloaded, 0.5) * 1e3,
+                "unloaded_p99_ms": percentile(unloaded, 0.99) * 1e3,
+                "frozen_p50_ms": percentile(loaded, 0.5) * 1e3,
+                "frozen_p99_ms": percentile(loaded, 0.99) * 1e3,
+                "first_call_failed_s": t_first, "second_job_failed_s": t_second,
+                "destroy_s": t_destroy}
+    finally:
+        daemon.stop()
+
+
+async def memory(defined: int, running: int) -> dict[str, Any]:
+    daemon = Qvirtd()
+    try:
+        clients = await connect_many(daemon, max(1, running))
+        base = (await clients[0].call("daemon-stats"))["rss_kib"]
+        for i in range(defined):
+            await clients[0].call("define", {"definition": {"name": f"m{i}", **TINY}})
+        after_define = (await clients[0].call("daemon-stats"))["rss_kib"]
+        await asyncio.gather(*(clients[i].call("start", {"name": f"m{i}"})
+                               for i in range(running)))
+        stats = await clients[0].call("daemon-stats")
+        await asyncio.gather(*(clients[i].call("destroy", {"name": f"m{i}"})
+                               for i in range(running)))
+        for c in clients:
+            await c.close()
+        return {"defined": defined, "running": running, "rss_empty_kib": base,
+                "rss_defined_kib": after_define, "rss_kib": stats["rss_kib"]}
+    finally:
+        daemon.stop()
+
+
+async def main_async(quick: bool) -> None:
+    result = header("compare")
+    sizes = [1, 3] if quick else [1, 20, 50]
+    result["start"] = {}
+    for n in sizes:
+        floor_s = await floor_start(n)
+        q = await qvirtd_start(n)
+        result["start"][n] = {"floor_s": floor_s, "qvirtd_s": q["seconds"],
+                              "ratio": q["seconds"] / floor_s, "driver_lock": q["driver_lock"]}
+    daemon = Qvirtd()
+    try:
+        client = await Client.connect(daemon.socket)
+        await client.call("define", {"definition": {"name": "q", **TINY}})
+        await client.call("start", {"name": "q"})
+        seconds = 1.0 if quick else 5.0
+        result["queries"] = {str(k): query_rate(daemon.socket, "q", k, seconds)
+                             for k in (1, 8)}
+        await client.call("destroy", {"name": "q"})
+        await client.close()
+    finally:
+        daemon.stop()
+    result["frozen"] = await frozen(quick)
+    result["memory"] = await memory(50 if quick else 1000, 3 if quick else 50)
+    kill_qemus_mentioning("/tmp/qvfloor-")
+    big = str(sizes[-1])
+    s, fr, mem = result["start"], result["frozen"], result["memory"]
+    lock = s[sizes[-1]]["driver_lock"]
+    emit(result, [
+        *[(f"start {n} domains: floor / qvirtd (ratio)",
+           f"{s[n]['floor_s']:.2f} s / {s[n]['qvirtd_s']:.2f} s ({s[n]['ratio']:.2f}x)")
+          for n in sizes],
+        ("dominfo/s, 1 client", f"{result['queries']['1']:,.0f}"),
+        ("dominfo/s, 8 clients", f"{result['queries']['8']:,.0f}"),
+        ("healthy dominfo p50/p99, unloaded",
+         f"{fr['unloaded_p50_ms']:.2f} / {fr['unloaded_p99_ms']:.2f} ms"),
+        ("healthy dominfo p50/p99, one QEMU frozen",
+         f"{fr['frozen_p50_ms']:.2f} / {fr['frozen_p99_ms']:.2f} ms"),
+        ("frozen: command fails after", f"{fr['first_call_failed_s']:.2f} s"),
+        ("frozen: second job fails after", f"{fr['second_job_failed_s']:.2f} s"),
+        ("frozen: destroy took", f"{fr['destroy_s']:.3f} s"),
+        (f"daemon RSS, {mem['defined']} defined / {mem['running']} running",
+         f"{mem['rss_defined_kib'] / 1024:.1f} / {mem['rss_kib'] / 1024:.1f} MiB "
+         f"(empty {mem['rss_empty_kib'] / 1024:.1f} MiB)"),
+        (f"driver lock hold under start-{big}: p99 / max",
+         f"{lock['p99_ms']:.3f} / {lock['max_ms']:.3f} ms"),
+    ])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small run: checks it works")
+    args = parser.parse_args()
+    asyncio.run(main_async(args.quick))
+
+
+if __name__ == "__main__":
+    main()
