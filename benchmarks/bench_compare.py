@@ -16,7 +16,6 @@ Usage: python benchmarks/bench_compare.py [--quick]
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import multiprocessing
 import os
@@ -32,7 +31,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import Qvirtd, emit, header, kill_qemus_mentioning, percentile
+from common import Qvirtd, emit, header, kill_qemus_mentioning, percentile, run_main
 from qemu.qmp import QMPClient
 
 from qvirtd.client import Client, RpcError
@@ -267,12 +266,5 @@ async def main_async(quick: bool) -> None:
     ])
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="small run: checks it works")
-    args = parser.parse_args()
-    asyncio.run(main_async(args.quick))
-
-
 if __name__ == "__main__":
-    main()
+    run_main(__doc__ or "", main_async)

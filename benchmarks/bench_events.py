@@ -12,7 +12,6 @@ Usage: python benchmarks/bench_events.py [--quick]
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import datetime
 import sys
@@ -23,7 +22,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import Qvirtd, emit, header, percentile
+from common import Qvirtd, emit, header, percentile, run_main
 
 from qvirtd.client import Client
 from qvirtd.events import EventBus
@@ -150,12 +149,5 @@ async def main_async(quick: bool) -> None:
     ])
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="small run: checks it works")
-    args = parser.parse_args()
-    asyncio.run(main_async(args.quick))
-
-
 if __name__ == "__main__":
-    main()
+    run_main(__doc__ or "", main_async)

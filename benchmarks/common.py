@@ -6,6 +6,8 @@ the command, so a figure in docs/performance.md can be traced to how it was made
 
 from __future__ import annotations
 
+import argparse
+import asyncio
 import datetime
 import json
 import os
@@ -17,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -121,3 +124,10 @@ def kill_qemus_mentioning(text: str) -> None:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+
+def run_main(doc: str, main_async: Callable[[bool], Coroutine[Any, Any, None]]) -> None:
+    """The command line every benchmark shares: `--quick` for CI's it-still-works run."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small run: checks it works")
+    asyncio.run(main_async(parser.parse_args().quick))

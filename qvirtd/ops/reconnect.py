@@ -37,7 +37,7 @@ from ..status import DomainStatus, process_binary, remove_status, scan_statuses
 from . import qmp_events
 from .context import Context
 from .devices import reconcile
-from .runtime import STOP_DETAIL, Runtime
+from .runtime import STOP_DETAIL, Runtime, end_reason
 
 log = logging.getLogger(__name__)
 
@@ -151,12 +151,8 @@ class Reconnector:
                     os.kill(pid, signal.SIGKILL)
                 killed.append(pid)
             reason = Reason.FAILED
-        elif status.stop_reason is not None:
-            reason = status.stop_reason
-        elif status.saw_shutdown:
-            reason = Reason.SHUTDOWN
         else:
-            reason = Reason.CRASHED
+            reason = end_reason(status.stop_reason, status.saw_shutdown)
         log.warning("domain %s: QEMU pid %s is gone (%s)", dom.name, status.pid, reason)
         ctx.set_state(dom, DomainState.SHUTOFF, reason,
                       ("stopped", STOP_DETAIL.get(reason, "shutdown")))

@@ -87,6 +87,15 @@ STOP_DETAIL = {
 }
 
 
+def end_reason(stop_reason: Reason | None, saw_shutdown: bool) -> Reason:
+    """Why a run ended: the daemon's own stop if it was stopping QEMU, else "shutdown" if
+    QEMU said SHUTDOWN first, else it crashed. The one place this is decided (also used by
+    a restarted daemon for runs that ended while it was away)."""
+    if stop_reason is not None:
+        return stop_reason
+    return Reason.SHUTDOWN if saw_shutdown else Reason.CRASHED
+
+
 class Runtime:
     """Launching and watching QEMU runs; reacting to what QEMU says."""
 
@@ -259,12 +268,7 @@ class Runtime:
         async with dom.lock:  # L3: state only; nothing awaited
             if not dom.is_current(generation):
                 return
-            if dom.stop_reason is not None:
-                reason = dom.stop_reason
-            elif dom.saw_shutdown:
-                reason = Reason.SHUTDOWN
-            else:
-                reason = Reason.CRASHED
+            reason = end_reason(dom.stop_reason, dom.saw_shutdown)
             old_id = dom.id
             monitor, pump, process = dom.monitor, dom.event_pump, dom.process
             restart = (reason is Reason.CRASHED and dom.persistent

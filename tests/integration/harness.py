@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -160,6 +161,33 @@ class Daemon:
                 continue
         wait_for(lambda: not self.qemu_pids(), 10, "test QEMUs to exit")
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+class NotifyListener:
+    """A NOTIFY_SOCKET, as systemd has: collects datagrams until `done(messages)` holds."""
+
+    def __init__(self, path: Path, done: Callable[[list[str]], bool],
+                 timeout_s: float = 20) -> None:
+        self.path = path
+        self.messages: list[str] = []
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self._sock.bind(str(path))
+        self._sock.settimeout(timeout_s)
+        self._done = done
+        self._thread = threading.Thread(target=self._listen, daemon=True)
+        self._thread.start()
+
+    def _listen(self) -> None:
+        while not self._done(self.messages):
+            try:
+                self.messages.append(self._sock.recv(4096).decode())
+            except OSError:
+                return
+
+    def finish(self, timeout_s: float = 20) -> list[str]:
+        self._thread.join(timeout_s)
+        self._sock.close()
+        return self.messages
 
 
 def guest_definition(image: Any, name: str = "guest", **extra: Any) -> dict[str, Any]:

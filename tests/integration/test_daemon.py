@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import json
-import socket
 import stat
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
-from harness import Daemon, guest_definition, tiny_definition
+from harness import Daemon, NotifyListener, guest_definition, tiny_definition
 
 
 def test_files_modes_and_clean_stop(daemon: Daemon) -> None:
@@ -55,27 +53,13 @@ def test_bad_settings_are_refused_with_the_key_named(tmp_path: Path) -> None:
 
 
 def test_sd_notify_ready_and_stopping(daemon_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    notify_path = tmp_path / "notify.sock"
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    sock.bind(str(notify_path))
-    sock.settimeout(20)
-    got: list[str] = []
-
-    def listen() -> None:
-        while not any("STOPPING=1" in m for m in got):
-            try:
-                got.append(sock.recv(4096).decode())
-            except OSError:
-                return
-
-    listener = threading.Thread(target=listen, daemon=True)
-    listener.start()
-    daemon: Daemon = daemon_factory(env={"NOTIFY_SOCKET": str(notify_path)})
+    notify = NotifyListener(tmp_path / "notify.sock",
+                            lambda got: any("STOPPING=1" in m for m in got))
+    daemon: Daemon = daemon_factory(env={"NOTIFY_SOCKET": str(notify.path)})
     # READY=1 is sent once the socket listens: a client can connect as soon as it arrives.
     assert daemon.json("list", "--all") == []
     assert daemon.stop() == 0
-    listener.join(20)
-    sock.close()
+    got = notify.finish()
     assert any("READY=1" in m for m in got), got
     assert any("STOPPING=1" in m for m in got), got
     ready = next(i for i, m in enumerate(got) if "READY=1" in m)

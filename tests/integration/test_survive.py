@@ -10,13 +10,12 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
-from harness import Daemon, pid_alive, tiny_definition, wait_for
+from harness import Daemon, NotifyListener, pid_alive, tiny_definition, wait_for
 
 from qvirtd.client import Client
 
@@ -176,25 +175,11 @@ def test_socket_activation(daemon_factory: Any) -> None:
 
 
 def test_ready_and_watchdog_reach_notify_socket(daemon_factory: Any, tmp_path: Path) -> None:
-    notify_path = tmp_path / "notify.sock"
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    sock.bind(str(notify_path))
-    sock.settimeout(10)
-    got: list[str] = []
-
-    def listen() -> None:
-        while sum("WATCHDOG=1" in m for m in got) < 3:
-            try:
-                got.append(sock.recv(4096).decode())
-            except OSError:
-                return
-
-    listener = threading.Thread(target=listen, daemon=True)
-    listener.start()
-    daemon: Daemon = daemon_factory(env={"NOTIFY_SOCKET": str(notify_path),
+    notify = NotifyListener(tmp_path / "notify.sock",
+                            lambda got: sum("WATCHDOG=1" in m for m in got) >= 3, timeout_s=10)
+    daemon: Daemon = daemon_factory(env={"NOTIFY_SOCKET": str(notify.path),
                                          "WATCHDOG_USEC": "200000"})
-    listener.join(10)
-    sock.close()
+    got = notify.finish(10)
     assert any("READY=1" in m for m in got), got
     assert sum("WATCHDOG=1" in m for m in got) >= 3, got
     assert any("STATUS=" in m for m in got), got
