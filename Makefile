@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.qvirtd-installed
 PYTEST_ARGS ?=
 
-.PHONY: setup host-deps venv guest demo test lint typecheck unit integration bench clean
+.PHONY: setup host-deps venv guest demo test lint typecheck unit integration bench bench-libvirt clean
 
 setup: host-deps venv guest
 
@@ -48,4 +48,9 @@ clean:
 
 bench: setup
 	$(PY) benchmarks/bench_compare.py
+	$(PY) benchmarks/bench_events.py
+
+# The same, plus Debian's libvirt measured in the same run (installs libvirt itself).
+bench-libvirt: setup
+	$(PY) benchmarks/bench_compare.py --libvirt
 	$(PY) benchmarks/bench_events.py

@@ -11,7 +11,10 @@ command line qvirtd builds for the same domain (`-S`, then `cont`). Scenarios:
 * memory: daemon RSS with 1,000 defined and 50 running domains;
 * the driver lock's hold time (p99, max) under the start-50 scenario (daemon-stats).
 
-Usage: python benchmarks/bench_compare.py [--quick]
+With --libvirt (`make bench-libvirt`), Debian's libvirt (a private libvirtd, see
+libvirt_private.py) runs the same scenarios in the same run.
+
+Usage: python benchmarks/bench_compare.py [--quick] [--libvirt]
 """
 
 from __future__ import annotations
@@ -218,7 +221,38 @@ async def memory(defined: int, running: int) -> dict[str, Any]:
         daemon.stop()
 
 
-async def main_async(quick: bool) -> None:
+def libvirt_figures(sizes: list[int], quick: bool) -> dict[str, Any]:
+    """The same scenarios against a private libvirtd (client side under Debian's python3)."""
+    import json
+
+    from libvirt_private import SYSTEM_PYTHON, PrivateLibvirtd
+
+    client = str(Path(__file__).resolve().parent / "libvirt_client.py")
+    lv = PrivateLibvirtd()
+
+    def run(*args: str) -> Any:
+        res = subprocess.run([SYSTEM_PYTHON, client, lv.uri, str(lv.base / "run"), *args],
+                             capture_output=True, text=True, timeout=600)
+        if res.returncode != 0:
+            raise SystemExit(f"libvirt scenario {args} failed: {res.stderr[-2000:]}")
+        return json.loads(res.stdout)
+
+    try:
+        out: dict[str, Any] = {"version": "libvirt 9.0 (Debian 12), private libvirtd"}
+        out["start"] = {n: run("start", str(n))["seconds"] for n in sizes}
+        seconds = "1" if quick else "5"
+        out["queries"] = {k: run("queries", k, seconds)["per_s"] for k in ("1", "8")}
+        out["frozen"] = run("frozen", "10" if quick else "45")
+        defined, running = (50, 3) if quick else (1000, 50)
+        run("populate", str(defined), str(running))
+        out["memory"] = {"defined": defined, "running": running, "rss_kib": lv.rss_kib()}
+        run("cleanup")
+        return out
+    finally:
+        lv.stop()
+
+
+async def main_async(quick: bool, with_libvirt: bool = False) -> None:
     result = header("compare")
     sizes = [1, 3] if quick else [1, 20, 50]
     result["start"] = {}
@@ -242,10 +276,12 @@ async def main_async(quick: bool) -> None:
     result["frozen"] = await frozen(quick)
     result["memory"] = await memory(50 if quick else 1000, 3 if quick else 50)
     kill_qemus_mentioning("/tmp/qvfloor-")
+    lv = result["libvirt"] = await asyncio.to_thread(libvirt_figures, sizes, quick) \
+        if with_libvirt else None
     big = str(sizes[-1])
     s, fr, mem = result["start"], result["frozen"], result["memory"]
     lock = s[sizes[-1]]["driver_lock"]
-    emit(result, [
+    table = [
         *[(f"start {n} domains: floor / qvirtd (ratio)",
            f"{s[n]['floor_s']:.2f} s / {s[n]['qvirtd_s']:.2f} s ({s[n]['ratio']:.2f}x)")
           for n in sizes],
@@ -263,8 +299,33 @@ async def main_async(quick: bool) -> None:
          f"(empty {mem['rss_empty_kib'] / 1024:.1f} MiB)"),
         (f"driver lock hold under start-{big}: p99 / max",
          f"{lock['p99_ms']:.3f} / {lock['max_ms']:.3f} ms"),
-    ])
+    ]
+    if lv is not None:
+        lf = lv["frozen"]
+        table += [
+            *[(f"libvirt: start {n} domains (qvirtd / libvirt)",
+               f"{lv['start'][n]:.2f} s ({s[n]['qvirtd_s'] / lv['start'][n]:.2f}x)")
+              for n in sizes],
+            *[(f"libvirt: info()/s, {k} client(s) (qvirtd / libvirt)",
+               f"{lv['queries'][k]:,.0f} ({result['queries'][k] / lv['queries'][k]:.2f}x)")
+              for k in ("1", "8")],
+            ("libvirt: healthy info() p50/p99 unloaded / one QEMU frozen",
+             f"{lf['unloaded_p50_ms']:.2f}/{lf['unloaded_p99_ms']:.2f} / "
+             f"{lf['frozen_p50_ms']:.2f}/{lf['frozen_p99_ms']:.2f} ms"),
+            ("libvirt: frozen: first call", f"{lf['first'][0]} after {lf['first'][1]:.1f} s"),
+            ("libvirt: frozen: second job", f"{lf['second'][0]} after {lf['second'][1]:.1f} s"
+             + (f" ({lf['second'][2][:90]})" if len(lf["second"]) > 2 else "")),
+            ("libvirt: frozen: destroy", f"{lf['destroy_s']:.2f} s"
+             if isinstance(lf["destroy_s"], float) else str(lf["destroy_s"])),
+            (f"libvirt: libvirtd RSS, {lv['memory']['defined']} defined / "
+             f"{lv['memory']['running']} running", f"{lv['memory']['rss_kib'] / 1024:.1f} MiB"),
+        ]
+    emit(result, table)
 
 
 if __name__ == "__main__":
-    run_main(__doc__ or "", main_async)
+    if "--libvirt" in sys.argv:
+        sys.argv.remove("--libvirt")
+        run_main(__doc__ or "", lambda quick: main_async(quick, with_libvirt=True))
+    else:
+        run_main(__doc__ or "", main_async)
