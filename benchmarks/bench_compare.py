@@ -200,6 +200,52 @@ async def frozen(quick: bool) -> dict[str, Any]:
         daemon.stop()
 
 
+async def qvirtd_events(rounds: int, producers: int, subscribers: int) -> dict[str, Any]:
+    """As libvirt_client.events: suspend/resume -> lifecycle event at a socket subscriber."""
+    daemon = Qvirtd()
+    try:
+        drivers = await connect_many(daemon, producers)
+        names = [f"e{i}" for i in range(producers)]
+        for d, name in zip(drivers, names, strict=True):
+            await d.call("define", {"definition": {"name": name, **TINY}})
+            await d.call("start", {"name": name})
+        watcher = await Client.connect(daemon.socket)
+        await watcher.call("event", {"domain": names[0]})
+        latencies = []
+        for _ in range(rounds):
+            for method in ("suspend", "resume"):
+                t = time.perf_counter()
+                await drivers[0].call(method, {"name": names[0]})
+                await watcher.next_event(10)
+                latencies.append(time.perf_counter() - t)
+        subs = await connect_many(daemon, subscribers)
+        for s in subs:
+            await s.call("event")
+        expected = producers * rounds * 2
+
+        async def consume(s: Client) -> None:
+            for _ in range(expected):
+                await s.next_event(30)
+
+        async def produce(d: Client, name: str) -> None:
+            for _ in range(rounds):
+                await d.call("suspend", {"name": name})
+                await d.call("resume", {"name": name})
+
+        t = time.perf_counter()
+        consumers = [asyncio.create_task(consume(s)) for s in subs]
+        await asyncio.gather(*(produce(d, n) for d, n in zip(drivers, names, strict=True)))
+        await asyncio.gather(*consumers)
+        elapsed = time.perf_counter() - t
+        for c in (*drivers, watcher, *subs):
+            await c.close()
+        return {"call_to_event_p50_ms": percentile(latencies, 0.5) * 1e3,
+                "call_to_event_p99_ms": percentile(latencies, 0.99) * 1e3,
+                "events_per_s": expected / elapsed}
+    finally:
+        daemon.stop()
+
+
 async def memory(defined: int, running: int) -> dict[str, Any]:
     daemon = Qvirtd()
     try:
@@ -243,6 +289,7 @@ def libvirt_figures(sizes: list[int], quick: bool) -> dict[str, Any]:
         seconds = "1" if quick else "5"
         out["queries"] = {k: run("queries", k, seconds)["per_s"] for k in ("1", "8")}
         out["frozen"] = run("frozen", "10" if quick else "45")
+        out["events"] = run("events", "10" if quick else "200", "4", "10")
         defined, running = (50, 3) if quick else (1000, 50)
         run("populate", str(defined), str(running))
         out["memory"] = {"defined": defined, "running": running, "rss_kib": lv.rss_kib()}
@@ -275,6 +322,8 @@ async def main_async(quick: bool, with_libvirt: bool = False) -> None:
         daemon.stop()
     result["frozen"] = await frozen(quick)
     result["memory"] = await memory(50 if quick else 1000, 3 if quick else 50)
+    ev_rounds = 10 if quick else 200
+    result["events"] = await qvirtd_events(ev_rounds, 4, 10)
     kill_qemus_mentioning("/tmp/qvfloor-")
     lv = result["libvirt"] = await asyncio.to_thread(libvirt_figures, sizes, quick) \
         if with_libvirt else None
@@ -299,6 +348,11 @@ async def main_async(quick: bool, with_libvirt: bool = False) -> None:
          f"(empty {mem['rss_empty_kib'] / 1024:.1f} MiB)"),
         (f"driver lock hold under start-{big}: p99 / max",
          f"{lock['p99_ms']:.3f} / {lock['max_ms']:.3f} ms"),
+        ("events: suspend/resume call -> event, p50 / p99",
+         f"{result['events']['call_to_event_p50_ms']:.2f} / "
+         f"{result['events']['call_to_event_p99_ms']:.2f} ms"),
+        ("events/s to 10 subscribers (4 domains suspended/resumed)",
+         f"{result['events']['events_per_s']:,.0f}"),
     ]
     if lv is not None:
         lf = lv["frozen"]
@@ -317,6 +371,12 @@ async def main_async(quick: bool, with_libvirt: bool = False) -> None:
              + (f" ({lf['second'][2][:90]})" if len(lf["second"]) > 2 else "")),
             ("libvirt: frozen: destroy", f"{lf['destroy_s']:.2f} s"
              if isinstance(lf["destroy_s"], float) else str(lf["destroy_s"])),
+            ("libvirt: events: call -> event, p50 / p99",
+             f"{lv['events']['call_to_event_p50_ms']:.2f} / "
+             f"{lv['events']['call_to_event_p99_ms']:.2f} ms"),
+            ("libvirt: events/s to 10 subscribers (qvirtd / libvirt)",
+             f"{lv['events']['events_per_s']:,.0f} "
+             f"({result['events']['events_per_s'] / lv['events']['events_per_s']:.2f}x)"),
             (f"libvirt: libvirtd RSS, {lv['memory']['defined']} defined / "
              f"{lv['memory']['running']} running", f"{lv['memory']['rss_kib'] / 1024:.1f} MiB"),
         ]

@@ -149,6 +149,67 @@ def frozen(uri: str, run_dir: str, cap_s: float) -> dict[str, object]:
             "second": result.get("second", ("did not return", cap_s)), "destroy_s": destroy_s}
 
 
+def events(uri: str, rounds: int, producers: int, subscribers: int) -> dict[str, float]:
+    """Lifecycle events: API call -> event at a subscriber (latency), and events/s to
+    `subscribers` connections while `producers` domains are suspended and resumed."""
+    conn = libvirt.open(uri)
+    names = [f"lve{i}" for i in range(producers)]
+    define(conn, names)
+    for name in names:
+        conn.lookupByName(name).create()
+    got = threading.Event()
+    seen: list[float] = []
+    counts = [0] * subscribers
+    done = threading.Event()
+    expected = producers * rounds * 2
+
+    def on_latency(c: object, dom: object, event: int, detail: int, opaque: object) -> None:
+        seen.append(time.perf_counter())
+        got.set()
+
+    def counter(i: int) -> object:
+        def cb(c: object, dom: object, event: int, detail: int, opaque: object) -> None:
+            counts[i] += 1
+            if all(n >= expected for n in counts):
+                done.set()
+        return cb
+
+    lat_conn = libvirt.open(uri)
+    lat_conn.domainEventRegisterAny(lat_conn.lookupByName(names[0]),
+                                    libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, on_latency, None)
+    dom = conn.lookupByName(names[0])
+    latencies: list[float] = []
+    for _ in range(rounds):
+        for call in (dom.suspend, dom.resume):
+            got.clear()
+            t = time.perf_counter()
+            call()
+            got.wait(10)
+            latencies.append(seen[-1] - t)
+    subs = [libvirt.open(uri) for _ in range(subscribers)]
+    for i, sub in enumerate(subs):
+        sub.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, counter(i), None)
+
+    def produce(name: str) -> None:
+        d = libvirt.open(uri).lookupByName(name)
+        for _ in range(rounds):
+            d.suspend()
+            d.resume()
+
+    threads = [threading.Thread(target=produce, args=(n,)) for n in names]
+    t = time.perf_counter()
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    done.wait(60)
+    elapsed = time.perf_counter() - t
+    cleanup(conn)
+    return {"call_to_event_p50_ms": pct(latencies, 0.5) * 1e3,
+            "call_to_event_p99_ms": pct(latencies, 0.99) * 1e3,
+            "events_per_s": expected / elapsed, "complete": float(done.is_set())}
+
+
 def populate(uri: str, defined: int, running: int) -> dict[str, int]:
     conn = libvirt.open(uri)
     define(conn, [f"lvm{i}" for i in range(defined)])
@@ -161,15 +222,26 @@ def populate(uri: str, defined: int, running: int) -> dict[str, int]:
     return {"defined": defined, "running": running}
 
 
+def run_event_loop() -> None:
+    """libvirt's default event loop, which delivers the callbacks (in this thread)."""
+    while True:
+        libvirt.virEventRunDefaultImpl()
+
+
 def main() -> None:
     libvirt.registerErrorHandler(lambda *a: None, None)  # no stderr noise per error
     uri, run_dir, scenario, *args = sys.argv[1:]
+    if scenario == "events":  # the event loop must exist before any connection is opened
+        libvirt.virEventRegisterDefaultImpl()
+        threading.Thread(target=run_event_loop, daemon=True).start()
     if scenario == "start":
         out: object = start(uri, int(args[0]))
     elif scenario == "queries":
         out = queries(uri, int(args[0]), float(args[1]))
     elif scenario == "frozen":
         out = frozen(uri, run_dir, float(args[0]))
+    elif scenario == "events":
+        out = events(uri, int(args[0]), int(args[1]), int(args[2]))
     elif scenario == "populate":
         out = populate(uri, int(args[0]), int(args[1]))
     elif scenario == "cleanup":
