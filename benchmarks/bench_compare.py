@@ -39,7 +39,7 @@ from qemu.qmp import QMPClient
 
 from qvirtd.client import Client, RpcError
 from qvirtd.model import Accel, DomainDef
-from qvirtd.ops.runtime import resolve_accel
+from qvirtd.qemu.accel import cpu_model, resolve_accel
 from qvirtd.qemu.argv import LaunchPaths, build_argv
 
 TINY = {"memory_mib": 64, "vcpus": 1}
@@ -51,6 +51,7 @@ async def floor_start(n: int) -> float:
     """Spawn n QEMUs with qvirtd's command line, connect QMP, `cont`: seconds to all running."""
     root = Path(tempfile.mkdtemp(prefix="qvfloor-", dir="/tmp"))
     accel = resolve_accel(Accel.AUTO)
+    cpu = await cpu_model(accel, "qemu-system-x86_64")
     procs: list[subprocess.Popen[bytes]] = []
     clients: list[QMPClient] = []
 
@@ -62,7 +63,7 @@ async def floor_start(n: int) -> float:
         listener.bind(str(paths.monitor_socket))
         listener.listen(8)
         argv = build_argv(DomainDef(name=f"f{i}", **TINY), accel, "qemu-system-x86_64",
-                          listener.fileno(), paths)
+                          listener.fileno(), paths, cpu)
         with open(run_dir / "qemu.log", "wb") as log:
             # Spawned as qvirtd spawns QEMU (Popen, own session), so the comparison is fair.
             procs.append(subprocess.Popen(  # noqa: ASYNC220

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import logging
 import os
 import socket
@@ -26,7 +25,8 @@ from typing import Any
 from ..domain import Domain
 from ..errors import InvalidOperationError, NoDomainError, QvirtError
 from ..job import JobKind
-from ..model import Accel, DomainDef, DomainState, LifecycleAction, Reason
+from ..model import DomainDef, DomainState, LifecycleAction, Reason
+from ..qemu.accel import cpu_model, resolve_accel
 from ..qemu.argv import LaunchPaths, build_argv, port_plan, root_port_id, total_ports
 from ..qemu.monitor import Monitor
 from ..qemu.process import QemuProcess, describe_status
@@ -39,33 +39,10 @@ from .qmp_events import FollowUpKind
 
 log = logging.getLogger(__name__)
 
-KVM_GET_API_VERSION = 0xAE00
 _BARRIER = "__qvirtd_barrier__"
 
 # One run's QMP events on their way to the pump: (name, data, QEMU's timestamp).
 QmpQueue = asyncio.Queue[tuple[str, dict[str, Any], float | None]]
-
-
-def kvm_usable() -> bool:
-    """/dev/kvm opens read-write and answers the stable API version (12)."""
-    try:
-        fd = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
-    except OSError:
-        return False
-    try:
-        return fcntl.ioctl(fd, KVM_GET_API_VERSION) == 12
-    except OSError:
-        return False
-    finally:
-        os.close(fd)
-
-
-def resolve_accel(accel: Accel) -> str:
-    if accel is Accel.AUTO:
-        return "kvm" if kvm_usable() else "tcg"
-    if accel is Accel.KVM and not kvm_usable():
-        raise QvirtError("accel 'kvm' was asked for but /dev/kvm is not usable")
-    return str(accel)
 
 
 def _log_tail(path: Path, offset: int, limit: int = 2000) -> str:
@@ -129,6 +106,7 @@ class Runtime:
         ctx = self.ctx
         settings = ctx.settings
         accel = resolve_accel(definition.accel)
+        cpu = await cpu_model(accel, settings.qemu_binary)
         async with ctx.table.lock:  # L1: index the new id, nothing else
             dom_id = ctx.table.assign_id(dom)
         run_dir = ctx.layout.domain_run_dir(dom.name)
@@ -144,7 +122,8 @@ class Runtime:
             with short_path(paths.monitor_socket) as where:
                 listener.bind(where)
             listener.listen(8)
-            argv = build_argv(definition, accel, settings.qemu_binary, listener.fileno(), paths)
+            argv = build_argv(definition, accel, settings.qemu_binary, listener.fileno(), paths,
+                              cpu)
             with open(log_path, "ab") as logf:
                 stamp = time.strftime("%Y-%m-%d %H:%M:%S")
                 logf.write(f"{stamp} starting domain {dom.name}: {argv!r}\n".encode())

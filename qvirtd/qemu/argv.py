@@ -140,8 +140,9 @@ class LaunchPaths:
 
 
 def build_argv(definition: DomainDef, accel: str, qemu_binary: str, monitor_fd: int,
-               paths: LaunchPaths) -> list[str]:
-    """The full command line for `definition`, started paused (-S) with its monitor on an fd."""
+               paths: LaunchPaths, cpu: str | None = None) -> list[str]:
+    """The full command line for `definition`, started paused (-S) with its monitor on an fd.
+    `cpu` is the `-cpu` model (qemu/accel.py picks it; None: QEMU's default)."""
     d = definition
     uuid = str(d.uuid)
     argv = [
@@ -162,8 +163,8 @@ def build_argv(definition: DomainDef, accel: str, qemu_binary: str, monitor_fd: 
         # A guest panic pauses the vCPUs (GUEST_PANICKED); on_crash then decides.
         "-action", "panic=pause",
     ]
-    if accel == "kvm":
-        argv += ["-cpu", "host"]
+    if cpu is not None:
+        argv += ["-cpu", cpu]
     if d.on_reboot is not d.on_reboot.RESTART:
         # Let a guest reboot stop QEMU (SHUTDOWN reason guest-reset) so on_reboot can act.
         argv += ["-no-reboot"]

@@ -124,9 +124,9 @@ RUN = launch_paths(Path("/run/qvirtd/domains/vm"))
 
 
 def build(raw: dict[str, Any], accel: str = "tcg", paths: LaunchPaths = RUN,
-          fd: int = 7) -> list[str]:
+          fd: int = 7, cpu: str | None = None) -> list[str]:
     definition = DomainDef.model_validate({"name": "vm", **raw})
-    return build_argv(definition, accel, "qemu-system-x86_64", fd, paths)
+    return build_argv(definition, accel, "qemu-system-x86_64", fd, paths, cpu)
 
 
 def check_qemuopts_options(argv: list[str], name: str, fd: int, console_log: Path,
@@ -280,12 +280,15 @@ def test_no_reboot_only_when_reboot_does_not_restart(on_reboot: str, expected: b
     assert ("-no-reboot" in argv) is expected
 
 
-@pytest.mark.parametrize(("accel", "cpu_host"), [("kvm", True), ("tcg", False)])
-def test_cpu_host_only_with_kvm(accel: str, cpu_host: bool) -> None:
-    argv = build({}, accel=accel)
-    assert (args_of(argv, "-cpu") == ["host"]) is cpu_host
-    if not cpu_host:
+@pytest.mark.parametrize(("accel", "cpu"), [("kvm", "host"),
+                                            ("kvm", "host,arch-capabilities=off"),
+                                            ("tcg", None)])
+def test_cpu_model_as_given(accel: str, cpu: str | None) -> None:
+    argv = build({}, accel=accel, cpu=cpu)
+    if cpu is None:
         assert "-cpu" not in argv
+    else:
+        assert args_of(argv, "-cpu") == [cpu]
     assert as_dict(args_of(argv, "-machine")[0])["accel"] == accel
 
 
