@@ -58,21 +58,26 @@ async def floor_start(n: int) -> float:
     async def one(i: int) -> None:
         run_dir = root / f"f{i}"
         run_dir.mkdir()
-        paths = LaunchPaths(run_dir, run_dir / "monitor.sock", run_dir / "console.log")
+        paths = LaunchPaths(run_dir)
+        monitor_socket = run_dir / "monitor.sock"
         listener = socket.socket(socket.AF_UNIX)
-        listener.bind(str(paths.monitor_socket))
+        listener.bind(str(monitor_socket))
         listener.listen(8)
+        console = socket.socket(socket.AF_UNIX)  # the serial console socket, as qvirtd's
+        console.bind(str(run_dir / "console.sock"))
+        console.listen(8)
         argv = build_argv(DomainDef(name=f"f{i}", **TINY), accel, "qemu-system-x86_64",
-                          listener.fileno(), paths, cpu)
+                          listener.fileno(), paths, cpu, console.fileno())
         with open(run_dir / "qemu.log", "wb") as log:
             # Spawned as qvirtd spawns QEMU (Popen, own session), so the comparison is fair.
             procs.append(subprocess.Popen(  # noqa: ASYNC220
-                argv, pass_fds=[listener.fileno()], stdout=log, stderr=log,
+                argv, pass_fds=[listener.fileno(), console.fileno()], stdout=log, stderr=log,
                 start_new_session=True))
         listener.close()
+        console.close()
         qmp = QMPClient(f"f{i}")
         clients.append(qmp)
-        await qmp.connect(str(paths.monitor_socket))
+        await qmp.connect(str(monitor_socket))
         await qmp.execute("cont")
 
     start = time.perf_counter()

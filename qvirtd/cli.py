@@ -60,6 +60,26 @@ def format_event(ev: dict[str, Any]) -> str:
     return f"{ev.get('time', '')} #{ev.get('seq')} domain '{dom.get('name')}': {what}{extra}"
 
 
+def _jobinfo(r: dict[str, Any]) -> str:
+    lines = []
+    for slot, label in (("async_job", "Async job"), ("job", "Job")):
+        job = r.get(slot)
+        if job is None:
+            lines.append(f"{label + ':':12} none")
+            continue
+        lines.append(f"{label + ':':12} {job['kind']}" + (f" (phase {job['phase']})"
+                                                         if job.get("phase") else ""))
+        lines.append(f"{'Owner:':12} {job['owner']}")
+        lines.append(f"{'Elapsed:':12} {job['elapsed_s']:.1f} s (since {job['started']})")
+        if job.get("allowed"):
+            lines.append(f"{'Allows:':12} {', '.join(job['allowed'])}")
+        if job.get("progress"):
+            lines.append(f"{'Progress:':12} {json.dumps(job['progress'])}")
+        if job.get("abort_requested"):
+            lines.append(f"{'Aborting:':12} asked by {job['abort_requested']}")
+    return "\n".join(lines)
+
+
 def build_parser() -> Parser:
     p = Parser(prog="qvirsh", description="control qvirtd")
     p.add_argument("--socket", help="daemon socket (default: $QVIRTD_SOCKET or the "
@@ -103,6 +123,12 @@ def build_parser() -> Parser:
     c = cmd("qemu-monitor-command", "pass one raw QMP command")
     c.add_argument("name")
     c.add_argument("command", help='e.g. \'{"execute": "query-status"}\'')
+    c.add_argument("--force", action="store_true", help="send a command that could change "
+                   "QEMU behind the domain's JSON config (the domain is marked tainted)")
+    c = cmd("domjobinfo", "the domain's current jobs (kind, phase, owner, elapsed)")
+    c.add_argument("name")
+    c = cmd("domjobabort", "abort the domain's async job (it rolls back)")
+    c.add_argument("name")
     c = cmd("attach-device", "hotplug a device described in a JSON file")
     c.add_argument("name")
     c.add_argument("file", help='{"kind": "disk"|"cdrom"|"nic", "id": ..., ...}')
@@ -188,7 +214,8 @@ async def run(args: argparse.Namespace) -> int:
             if not isinstance(command, dict):
                 raise UsageError("command must be a JSON object")
             r = await client.call("qemu-monitor-command", {"name": args.name,
-                                                           "command": command})
+                                                           "command": command,
+                                                           "force": args.force})
             print(json.dumps(r, indent=2) if args.json else json.dumps(r))
         elif c == "attach-device":
             r = await client.call("attach-device", {"name": args.name, "device": args.device,
@@ -214,6 +241,14 @@ async def run(args: argparse.Namespace) -> int:
         elif c == "console-log":
             r = await client.call("console-log", {"name": args.name, "max_bytes": args.bytes})
             _print(args, r, r["text"].rstrip("\n"))
+        elif c == "domjobinfo":
+            r = await client.call("domjobinfo", {"name": args.name})
+            _print(args, r, _jobinfo(r))
+        elif c == "domjobabort":
+            r = await client.call("domjobabort", {"name": args.name})
+            a = r["aborted"]
+            _print(args, r, f"Domain '{r['name']}': {a['kind']} aborted (it was in phase "
+                   f"{a['phase']})")
         elif c == "daemon-warnings":
             r = await client.call("daemon-warnings")
             _print(args, r, "\n".join(f"warning: {w}" for w in r) or "no warnings")

@@ -42,6 +42,8 @@ class Settings(BaseModel):
     event_replay_buffer: Annotated[int, Field(ge=0, le=1_000_000)] = 10000
     lock_check: bool = False
     log_level: str = "info"
+    console_log_max_bytes: Annotated[int, Field(ge=4096, le=1024 * 1024 * 1024)] = 1024 * 1024
+    test_phase_delay_s: Annotated[float, Field(ge=0, le=60)] = 0.0
 
     @field_validator("socket_mode", mode="before")
     @classmethod

@@ -83,10 +83,17 @@ class Daemon:
                   self.layout.domains_run_dir):
             d.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.layout.socket_path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
+        self.ctx.store.prepare()
 
-    def _load_definitions(self) -> None:
-        for definition, autostart in self.ctx.store.load_all():
-            self.ctx.table.add(Domain(definition, persistent=True, autostart=autostart))
+    async def _load_definitions(self) -> None:
+        """Every definition on disk (read in a worker thread, rule L6). Two files with one
+        uuid: the first (by file name) is loaded, the other reported, never fatal."""
+        for definition, autostart in await asyncio.to_thread(self.ctx.store.load_all):
+            try:
+                self.ctx.table.add(Domain(definition, persistent=True, autostart=autostart))
+            except ValueError as exc:
+                self.ctx.warn(f"definition {self.ctx.store.path_for(definition.name)} is not "
+                              f"loaded: {exc}")
         log.info("loaded %d domain definitions", len(self.ctx.table))
 
     async def _subscribe_events(self, conn: Connection, params: EventParams) -> Any:
@@ -118,7 +125,7 @@ class Daemon:
         LockWatch.strict = self.settings.lock_check
         quieten_library_logging(self.settings.log_level == "debug")
         self._prepare_dirs()
-        self._load_definitions()
+        await self._load_definitions()
         sd_notify("STATUS=finding running domains")
         reconnects = await self.reconnector.adopt_all()
         activated = listen_fds()
@@ -142,6 +149,9 @@ class Daemon:
         log.info("stopping: guests keep running")
         await self.server.stop(grace_s=5.0)
         await self._detach_all()
+        if not await self.ctx.writer.drain(10.0):
+            log.error("stopping with file writes still in progress")
+        self.ctx.writer.close()
         if not activated:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.layout.socket_path)
@@ -171,16 +181,15 @@ class Daemon:
         sd_notify(f"STATUS=running; {len(self.ctx.table)} domains, {active} active")
 
     async def _detach_all(self) -> None:
-        """Let go of every QEMU without stopping it: status files current, monitors and
-        pidfds closed. The guests keep running; the next daemon reconnects to them."""
+        """Let go of every QEMU without stopping it: status files current, the runs' tasks,
+        monitors, consoles and pidfds closed. The guests keep running; the next daemon
+        reconnects to them."""
         for task in list(self.ctx.background_tasks):
             task.cancel()
         for dom in self.ctx.table.all():
             async with dom.lock:  # L3
-                if dom.active:
-                    self.ctx.save_status(dom)
-                process, monitor = dom.process, dom.monitor
-            if process is not None:
-                process.close()
-            if monitor is not None:
-                await monitor.close()
+                run = dom.run
+                if run is not None:
+                    self.ctx.save_status(dom, run)
+            if run is not None:
+                await run.close()

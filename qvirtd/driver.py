@@ -9,7 +9,7 @@ nothing is awaited under it except the lock itself.
 from __future__ import annotations
 
 from .domain import Domain
-from .errors import NoDomainError
+from .errors import DomainBusyError, NoDomainError
 from .locks import HoldStats, TrackedLock
 from .model import looks_like_id
 
@@ -21,6 +21,10 @@ class DomainTable:
         self._by_name: dict[str, Domain] = {}
         self._by_uuid: dict[str, Domain] = {}
         self._by_id: dict[int, Domain] = {}
+        # Which domain's run owns run/domains/NAME (its status file and sockets), from the
+        # start of a run until its teardown is complete: never two runs in one directory,
+        # even when the domain was undefined and defined again in between.
+        self._run_dirs: dict[str, Domain] = {}
         self._last_id = 0
 
     # --- everything below: caller holds self.lock (rule L1) ---------------------------------
@@ -41,8 +45,13 @@ class DomainTable:
         return self._by_uuid.get(uuid)
 
     def add(self, dom: Domain) -> None:
-        """Reserve the table slot for a new domain (its name and uuid are taken from now on)."""
-        assert dom.name not in self._by_name and dom.uuid not in self._by_uuid
+        """Reserve the table slot for a new domain (its name and uuid are taken from now on).
+        ValueError if either is taken (the caller checked; a duplicate on disk is reported)."""
+        if dom.name in self._by_name:
+            raise ValueError(f"domain name '{dom.name}' is already used")
+        if dom.uuid in self._by_uuid:
+            raise ValueError(f"uuid {dom.uuid} is already used by domain "
+                             f"'{self._by_uuid[dom.uuid].name}'")
         self._by_name[dom.name] = dom
         self._by_uuid[dom.uuid] = dom
 
@@ -52,8 +61,8 @@ class DomainTable:
             del self._by_name[dom.name]
         if self._by_uuid.get(dom.uuid) is dom:
             del self._by_uuid[dom.uuid]
-        if dom.id is not None and self._by_id.get(dom.id) is dom:
-            del self._by_id[dom.id]
+        for dom_id in [i for i, d in self._by_id.items() if d is dom]:
+            del self._by_id[dom_id]
         dom.removed = True
 
     def assign_id(self, dom: Domain) -> int:
@@ -69,6 +78,22 @@ class DomainTable:
     def release_id(self, dom: Domain, dom_id: int) -> None:
         if self._by_id.get(dom_id) is dom:
             del self._by_id[dom_id]
+
+    def claim_run_dir(self, dom: Domain) -> None:
+        """Reserve the run directory of `dom`'s name for a new run."""
+        holder = self._run_dirs.get(dom.name)
+        if holder is not None and holder is not dom:
+            raise DomainBusyError(
+                f"domain '{dom.name}': the previous run under this name (uuid {holder.uuid}) "
+                "is still being cleaned up; try again in a moment")
+        if holder is dom:
+            raise DomainBusyError(f"domain '{dom.name}': its previous run is still being "
+                                  "cleaned up; try again in a moment")
+        self._run_dirs[dom.name] = dom
+
+    def release_run_dir(self, dom: Domain) -> None:
+        if self._run_dirs.get(dom.name) is dom:
+            del self._run_dirs[dom.name]
 
     def all(self) -> list[Domain]:
         return list(self._by_name.values())

@@ -1,7 +1,25 @@
 """Errors an operation can end with. Each has a stable `kind` that clients can branch on.
 
 The message is written for a person: it names the domain, the operation and what went wrong,
-so that `qvirsh` can print it as it is.
+so that `qvirsh` can print it as it is. One root, `QvirtError`; the tree (kind in brackets):
+
+    QvirtError [failed]
+     +-- NoDomainError [no-domain]
+     +-- InvalidOperationError [invalid-operation]
+     |    +-- DomainBusyError [domain-busy]      a QEMU of the domain exists outside our view
+     +-- InvalidDefinitionError [invalid-definition]
+     +-- InvalidParamsError [invalid-params]
+     +-- JobTimeoutError [job-timeout]
+     +-- JobAbortedError [job-aborted]
+     +-- MonitorError [monitor]
+     |    +-- MonitorTimeoutError [monitor-timeout]
+     |    +-- MonitorClosedError [monitor-closed]
+     +-- DomainGoneError [domain-gone]
+     +-- ProcessError [process]
+     +-- StorageError [storage]                   a file could not be written; names the path
+     +-- RawQmpRefusedError [qmp-refused]         qemu-monitor-command without --force
+     +-- LockDisciplineError [lock-discipline]
+     +-- ReplayGapError [replay-gap]
 """
 
 from __future__ import annotations
@@ -25,6 +43,12 @@ class InvalidOperationError(QvirtError):
     kind = "invalid-operation"
 
 
+class DomainBusyError(InvalidOperationError):
+    """A QEMU of this domain runs outside the daemon's view (the process table says so)."""
+
+    kind = "domain-busy"
+
+
 class InvalidDefinitionError(QvirtError):
     kind = "invalid-definition"
 
@@ -33,6 +57,12 @@ class JobTimeoutError(QvirtError):
     """Waited `job_wait_timeout_s` for another job on the domain; names the holder."""
 
     kind = "job-timeout"
+
+
+class JobAbortedError(QvirtError):
+    """An async job stopped because `domjobabort` asked it to."""
+
+    kind = "job-aborted"
 
 
 class MonitorError(QvirtError):
@@ -61,6 +91,18 @@ class DomainGoneError(QvirtError):
 
 class ProcessError(QvirtError):
     kind = "process"
+
+
+class StorageError(QvirtError):
+    """A file could not be written or removed; the message names the path and the OS error."""
+
+    kind = "storage"
+
+
+class RawQmpRefusedError(QvirtError):
+    """A raw QMP command that could break the JSON-config invariant, sent without --force."""
+
+    kind = "qmp-refused"
 
 
 class LockDisciplineError(QvirtError):

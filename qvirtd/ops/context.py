@@ -1,14 +1,17 @@
-"""What every operation shares: the table, settings, events, and the lock/job/monitor patterns.
+"""What every operation shares: the table, settings, events, the writer, and the lock/job/
+monitor/remote patterns (docs/design.md has them with copyable skeletons).
 
-The three patterns every operation follows (docs/design.md names them L1..L5):
-
-* `lookup()`           L1: driver lock only around the table lookup.
-* `job()`              L2: the job is taken under the domain lock by waiting on the job
-                       condition; the domain lock is released as soon as the job is held.
-* `qmp()`              L4/L5: "enter monitor": read what is needed under the domain lock,
-                       release it, await QEMU, and on failure tell a stopped domain apart from a
-                       failed command. The caller re-checks `is_current()` under the domain lock
-                       before touching state (`ensure_current()`).
+* `lookup()`            L1: driver lock only around the table lookup.
+* `job()`/`async_job()` L2: the job is taken under the domain lock by waiting on the job
+                        condition; after the wait the domain is checked to be still in the
+                        table (L5), and the domain lock is released as soon as the job is held.
+                        A nested job is taken with the async job's handle (`nested=`).
+* `qmp()`               L4/L5 "enter/exit monitor": read the run's monitor under the domain
+                        lock, release it, await QEMU, and on failure tell a stopped run apart
+                        from a failed command. The caller re-checks `ensure_current()` under
+                        the domain lock before touching state.
+* `remote()`            L4/L5 "enter/exit remote": the same for a wait on a peer daemon
+                        (migration): no lock held during it, the run re-checked after it.
 """
 
 from __future__ import annotations
@@ -26,12 +29,18 @@ from ..domain import Domain
 from ..driver import DomainTable
 from ..errors import DomainGoneError, InvalidOperationError, MonitorClosedError, NoDomainError
 from ..events import EventBus
-from ..job import Job, JobKind
+from ..job import AsyncJob, AsyncJobKind, Job, JobKind
+from ..locks import check_no_locks
 from ..model import DomainState, Reason
-from ..status import DomainStatus, JobRecord, save_status
+from ..run import Run
+from ..status import status_path
 from ..store import DefinitionStore
+from ..writer import FileWriter
 
 log = logging.getLogger(__name__)
+
+# A status write that failed (full disk, EMFILE) is tried again after this long.
+STATUS_RETRY_S = 1.0
 
 
 class Context:
@@ -41,7 +50,8 @@ class Context:
         self.table = DomainTable()
         self.bus = EventBus(settings.event_flush_delay_s, settings.event_queue_per_subscriber,
                             settings.event_replay_buffer)
-        self.store = DefinitionStore(layout.definitions_dir, layout.autostart_dir)
+        self.writer = FileWriter()
+        self.store = DefinitionStore(layout.definitions_dir, layout.autostart_dir, self.writer)
         self._tasks: set[asyncio.Task[Any]] = set()
         self._qemu_time: float | None = None
         found = shutil.which(settings.qemu_binary)
@@ -49,14 +59,20 @@ class Context:
         self.qemu_path = os.path.realpath(found) if found else settings.qemu_binary
         # QEMU processes that name our run directory but that no status file accounts for.
         self.orphans: list[dict[str, Any]] = []
-        # Devices found in a QEMU but missing from its JSON config: a bug, reported.
-        self.device_warnings: list[str] = []
+        # Things found at start or later that need a person: damaged files, stray devices.
+        self.warnings: list[str] = []
 
-    def spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
-        """Run `coro` as a task the daemon keeps a reference to (and logs if it fails)."""
+    # --- tasks ------------------------------------------------------------------------------
+
+    def spawn(self, coro: Coroutine[Any, Any, Any], name: str,
+              run: Run | None = None) -> asyncio.Task[Any]:
+        """Run `coro` as a task the daemon keeps a reference to (and logs if it fails).
+        With `run`, the run owns it too: its teardown cancels the task if still running."""
         task = asyncio.create_task(coro, name=name)
         self._tasks.add(task)
         task.add_done_callback(self._task_done)
+        if run is not None:
+            run.own(task)
         return task
 
     def _task_done(self, task: asyncio.Task[Any]) -> None:
@@ -68,70 +84,142 @@ class Context:
     def background_tasks(self) -> set[asyncio.Task[Any]]:
         return self._tasks
 
+    def warn(self, message: str) -> None:
+        """Report something a person must look at (log and `daemon-warnings`), once."""
+        log.error("%s", message)
+        if message not in self.warnings:
+            self.warnings.append(message)
+            del self.warnings[:-200]
+
+    # --- L1: the table ----------------------------------------------------------------------
+
     async def lookup(self, ident: str) -> Domain:
         async with self.table.lock:  # L1: look up only
             return self.table.find(ident)
 
+    async def remove_if_unused(self, dom: Domain) -> None:
+        """L1, at the very end of an operation and with no domain lock held (seed 003): drop
+        a domain that has neither a definition nor a run."""
+        async with self.table.lock:  # L1
+            # No await between the check and the removal: nothing can redefine it meanwhile.
+            if dom.persistent_def is None and not dom.active:
+                self.table.remove(dom)
+
+    # --- L2: jobs ---------------------------------------------------------------------------
+
+    @staticmethod
+    def ensure_in_table(dom: Domain) -> None:
+        """Under the domain lock (L5): the domain was not removed while we waited."""
+        if dom.removed:
+            raise NoDomainError(f"domain '{dom.name}' not found (it was undefined)")
+
+    async def begin_job(self, dom: Domain, kind: JobKind, owner: str,
+                        nested: AsyncJob | None = None) -> Job:
+        """Take a sync job (prefer `job()`; this is for a job handed from task to task)."""
+        async with dom.lock:  # L2: take the job under the domain lock (the wait releases it)
+            self.ensure_in_table(dom)
+            job = await dom.job.acquire(kind, owner, self.settings.job_wait_timeout_s, nested)
+            if dom.removed:  # L5: removed while we waited
+                dom.job.release(job)
+                self.ensure_in_table(dom)
+            return job
+
+    async def end_job(self, dom: Domain, job: Job | AsyncJob) -> None:
+        async with dom.lock:  # L2: end the job under the domain lock
+            dom.job.release(job)
+            if isinstance(job, AsyncJob) and dom.run is not None:
+                self.save_status(dom, dom.run)  # the status no longer names the job
+
     @asynccontextmanager
-    async def job(self, dom: Domain, kind: JobKind, owner: str) -> AsyncIterator[Job]:
-        job = await self.begin_job(dom, kind, owner)
+    async def job(self, dom: Domain, kind: JobKind, owner: str,
+                  nested: AsyncJob | None = None) -> AsyncIterator[Job]:
+        job = await self.begin_job(dom, kind, owner, nested)
         try:
             yield job
         finally:
             await self.end_job(dom, job)
 
-    async def begin_job(self, dom: Domain, kind: JobKind, owner: str) -> Job:
-        """Take a job (prefer `job()`; this is for a job handed from one task to another)."""
-        async with dom.lock:  # L2: take the job under the domain lock (the wait releases it)
-            if dom.removed:
-                raise NoDomainError(f"domain '{dom.name}' not found")
-            return await dom.job.acquire(kind, owner, self.settings.job_wait_timeout_s)
+    @asynccontextmanager
+    async def async_job(self, dom: Domain, kind: AsyncJobKind,
+                        owner: str) -> AsyncIterator[AsyncJob]:
+        async with dom.lock:  # L2
+            self.ensure_in_table(dom)
+            job = await dom.job.acquire_async(kind, owner, self.settings.job_wait_timeout_s)
+            if dom.removed:  # L5
+                dom.job.release(job)
+                self.ensure_in_table(dom)
+        try:
+            yield job
+        finally:
+            await self.end_job(dom, job)
 
-    async def end_job(self, dom: Domain, job: Job) -> None:
-        async with dom.lock:  # L2: end the job under the domain lock
-            dom.job.release(job)
+    # --- L5: after a wait -------------------------------------------------------------------
 
-    def ensure_current(self, dom: Domain, generation: int, what: str) -> None:
-        """L5, under the domain lock: the domain is still the run we started acting on."""
-        if not dom.is_current(generation):
+    def ensure_current(self, dom: Domain, run: Run, what: str) -> None:
+        """L5, under the domain lock: still in the table and still on the run we acted on."""
+        dom.assert_locked()
+        if dom.run is not run or dom.removed:
             how = {Reason.DESTROYED: "destroyed", Reason.CRASHED: "crashed"}.get(
-                dom.reason, "stopped") if not dom.active else "restarted"
+                dom.reason, "stopped") if dom.run is None else "restarted"
             raise DomainGoneError(f"domain '{dom.name}' was {how} while '{what}' was running")
 
-    def running_generation(self, dom: Domain) -> int:
-        """Under the domain lock: the current run, or an error if the domain is not running."""
-        if not dom.active or dom.monitor is None:
+    def running(self, dom: Domain) -> Run:
+        """Under the domain lock: the current run, or an error if the domain is not running
+        (or its monitor is not connected yet)."""
+        dom.assert_locked()
+        run = dom.run
+        if run is None or run.monitor is None:
             raise InvalidOperationError(f"domain '{dom.name}' is not running")
-        return dom.generation
+        return run
 
-    async def qmp(self, dom: Domain, generation: int, command: str,
+    # --- L4: enter/exit monitor, enter/exit remote ------------------------------------------
+
+    async def qmp(self, dom: Domain, run: Run, command: str,
                   arguments: dict[str, Any] | None = None, timeout_s: float | None = None,
                   what: str | None = None) -> Any:
         """Enter monitor (L4): no lock is held while QEMU works on `command`."""
         async with dom.lock:  # L3: read the monitor handle only
-            self.ensure_current(dom, generation, what or command)
-            monitor = dom.monitor
-        assert monitor is not None
+            self.ensure_current(dom, run, what or command)
+            monitor = run.monitor
+        if monitor is None:
+            raise InvalidOperationError(f"domain '{dom.name}': the QEMU monitor is not "
+                                        "connected")
         try:
             return await monitor.execute(command, arguments, timeout_s)
         except MonitorClosedError:
-            # Exit monitor: if QEMU went away under us, say that rather than "monitor closed".
-            await self.wait_stopped(dom, generation, 2.0)
-            async with dom.lock:  # L5
-                self.ensure_current(dom, generation, what or command)
+            await self.explain_closed(dom, run, what or command)
             raise
 
-    async def wait_stopped(self, dom: Domain, generation: int, timeout_s: float) -> bool:
-        """Wait (no lock held) until the run `generation` has been cleaned up."""
-        async with dom.lock:  # L3
-            if not dom.is_current(generation):
-                return True
-            ended = dom.run_ended
+    async def explain_closed(self, dom: Domain, run: Run, what: str) -> None:
+        """Exit monitor after the connection broke: if QEMU went away under us, raise
+        DomainGoneError saying so ("destroyed while ..."), rather than "monitor closed"."""
+        await self.wait_ended(run, 2.0)
+        async with dom.lock:  # L5
+            self.ensure_current(dom, run, what)
+
+    @asynccontextmanager
+    async def remote(self, dom: Domain, run: Run, what: str) -> AsyncIterator[None]:
+        """Enter/exit remote (seed 000's migration pattern): the body talks to a peer daemon
+        with no lock held (L4, checked on entry); afterwards the domain is re-checked (L5):
+        it may have been destroyed, crashed or undefined while we talked."""
+        check_no_locks(f"remote call '{what}' for {dom.name}")
         try:
-            await asyncio.wait_for(ended.wait(), timeout_s)
+            yield
+        finally:
+            async with dom.lock:  # L5: the guest may have gone while we talked to the peer
+                self.ensure_current(dom, run, what)
+
+    @staticmethod
+    async def wait_ended(run: Run, timeout_s: float) -> bool:
+        """Wait (no lock held) until `run` has been torn down."""
+        try:
+            async with asyncio.timeout(timeout_s):
+                await run.ended.wait()
         except TimeoutError:
             return False
         return True
+
+    # --- events (E1) ------------------------------------------------------------------------
 
     def emit(self, dom: Domain, event: str, type: str | None = None, detail: str | None = None,
              data: dict[str, Any] | None = None) -> None:
@@ -151,33 +239,32 @@ class Context:
     def set_state(self, dom: Domain, state: DomainState, reason: Reason,
                   event: tuple[str, str] | None = None) -> None:
         """Under the domain lock: change state; emit the lifecycle event only on a change.
-        A running domain's status file follows every change (shut off: the run's end
-        removes it)."""
+        A running domain's status file follows every change."""
+        dom.assert_locked()
         changed = dom.state is not state
         dom.state = state
         dom.reason = reason
         if changed and event is not None:
             self.emit(dom, "lifecycle", event[0], event[1])
-        if state is not DomainState.SHUTOFF:
-            self.save_status(dom)
+        if dom.run is not None and state is not DomainState.SHUTOFF:
+            self.save_status(dom, dom.run)
 
-    def save_status(self, dom: Domain) -> None:
-        """Under the domain lock (L3): write the run's status file (atomic, small)."""
-        if dom.run_dir is None or dom.live_def is None or dom.id is None:
-            return
-        process = dom.process
-        async_job = dom.job.async_job
-        save_status(DomainStatus(
-            name=dom.name, uuid=dom.uuid, generation=dom.generation,
-            phase="starting" if dom.starting else "running",
-            pid=process.pid if process is not None else None,
-            start_time=process.start_time if process is not None else None,
-            binary=self.qemu_path, run_dir=str(dom.run_dir),
-            monitor_socket=str(dom.run_dir / "monitor.sock"), id=dom.id,
-            state=dom.state, reason=dom.reason, persistent=dom.persistent,
-            accel=dom.accel_in_use or "", definition=dom.live_def,
-            stop_reason=dom.stop_reason, saw_shutdown=dom.saw_shutdown,
-            fake_reboot=dom.fake_reboot, ports=dom.ports, root_ports=dom.root_ports,
-            pending_detach=sorted(dom.pending_detach),
-            async_job=JobRecord(kind=str(async_job.kind), owner=async_job.owner,
-                                since=async_job.started_at) if async_job else None))
+    # --- the status file (through the writer: rule L6) --------------------------------------
+
+    def save_status(self, dom: Domain, run: Run, with_job: bool = True) -> asyncio.Future[None]:
+        """Under the domain lock (L3): queue the run's status file for writing (coalesced,
+        off the loop). Await `status_barrier()` where it must be on disk before going on."""
+        dom.assert_locked()
+        data = run.to_status(dom, self.qemu_path, with_job).encode()
+        fut = self.writer.write(status_path(run.run_dir), data, durable=False,
+                                retry_s=STATUS_RETRY_S)
+        run.status_written = fut
+        return fut
+
+    @staticmethod
+    async def status_barrier(run: Run) -> None:
+        """With no lock held: wait until the run's latest status is on disk (StorageError if
+        it could not be written)."""
+        check_no_locks("status file write")
+        if run.status_written is not None:
+            await asyncio.shield(run.status_written)

@@ -14,16 +14,19 @@ them out:
     exact id, then its absence in /machine/peripheral) until the entry is removed, so the
     entry never leaves while the device may still exist.
 
-Unplug needs the guest. `detach` waits (bounded) for DEVICE_DELETED; when time runs out the
-removal stays pending (recorded in the status file), and the event, whenever it comes, starts
-a job that finishes it. A destroy racing any of this needs neither lock: it kills QEMU, and
-the run's JSON goes with the run (see docs/design.md, "Hotplug").
+The JSON config is on disk before QEMU gets a device: an attach waits for the status file
+write (a barrier through the FileWriter) before `device_add`, and so does a medium change
+before `blockdev-insert-medium`.
+
+Unplug needs the guest. `detach` listens for DEVICE_DELETED (`Monitor.listen`) while it waits
+(bounded); when time runs out the removal stays pending (recorded in the status file). The
+event, whenever it comes, records a follow-up on the run that finishes the removal under a
+job (and is retried until done). A destroy racing any of this needs neither lock: it kills
+QEMU, and the run's JSON goes with the run (see docs/design.md, "Hotplug").
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 from typing import Any
 
@@ -33,9 +36,11 @@ from ..domain import Domain
 from ..errors import (
     InvalidDefinitionError,
     InvalidOperationError,
+    MonitorClosedError,
     MonitorError,
     MonitorTimeoutError,
     QvirtError,
+    StorageError,
     describe_validation_error,
 )
 from ..job import JobKind
@@ -62,6 +67,7 @@ from ..qemu.argv import (
     nic_device,
     nic_netdev,
 )
+from ..run import Run
 from .context import Context
 
 log = logging.getLogger(__name__)
@@ -85,11 +91,11 @@ def _backend_nodes(device: Device) -> list[str]:
     return []
 
 
-async def _ignore_missing(ctx: Context, dom: Domain, generation: int, command: str,
+async def _ignore_missing(ctx: Context, dom: Domain, run: Run, command: str,
                           args: dict[str, Any]) -> None:
     """A cleanup command whose target may already be gone (that is fine)."""
     try:
-        await ctx.qmp(dom, generation, command, args)
+        await ctx.qmp(dom, run, command, args)
     except MonitorError as exc:
         missing = exc.qmp_class == "DeviceNotFound" or (
             exc.qmp_class == "GenericError"
@@ -98,62 +104,60 @@ async def _ignore_missing(ctx: Context, dom: Domain, generation: int, command: s
             raise
 
 
-async def peripherals(ctx: Context, dom: Domain, generation: int) -> set[str]:
+async def peripherals(ctx: Context, dom: Domain, run: Run) -> set[str]:
     """The user devices QEMU has right now (its /machine/peripheral, less our own)."""
-    listing = await ctx.qmp(dom, generation, "qom-list", {"path": "/machine/peripheral"})
+    listing = await ctx.qmp(dom, run, "qom-list", {"path": "/machine/peripheral"})
     # Children only: the container also lists its own properties (such as "type").
     return {p["name"] for p in listing if str(p.get("type", "")).startswith("child<")
             and p["name"] not in INFRASTRUCTURE_IDS and not p["name"].startswith("rp")}
 
 
-async def finish_detach(ctx: Context, dom: Domain, generation: int, device_id: str) -> bool:
+async def finish_detach(ctx: Context, dom: Domain, run: Run, device_id: str) -> bool:
     """Under the slow lock (the caller holds the job): if QEMU confirms `device_id` is gone,
     delete its backends and only then drop its JSON entry. False if it is still there."""
     async with dom.lock:  # fast lock: read the entry
-        ctx.ensure_current(dom, generation, "detach")
-        device = find_device(dom.definition, device_id)
-    if device is None:
-        return True  # already finished (the detach that waited, or a reconnect)
-    if device_id in await peripherals(ctx, dom, generation):
+        ctx.ensure_current(dom, run, "detach")
+        device = find_device(run.definition, device_id)
+        if device is None:  # already finished (the detach that waited, or a reconnect)
+            run.pending_detach.discard(device_id)
+            return True
+    if device_id in await peripherals(ctx, dom, run):
         return False
     for node in _backend_nodes(device):
-        await _ignore_missing(ctx, dom, generation, "blockdev-del", {"node-name": node})
+        await _ignore_missing(ctx, dom, run, "blockdev-del", {"node-name": node})
     if isinstance(device, NicDef):
-        await _ignore_missing(ctx, dom, generation, "netdev_del", {"id": f"net-{device.id}"})
+        await _ignore_missing(ctx, dom, run, "netdev_del", {"id": f"net-{device.id}"})
     async with dom.lock:  # fast lock: QEMU has none of it now; the entry may go
-        ctx.ensure_current(dom, generation, "detach")
-        assert dom.live_def is not None
-        dom.live_def = without_device(dom.live_def, device_id)
-        dom.ports.pop(device_id, None)
-        dom.pending_detach.discard(device_id)
-        ctx.save_status(dom)
+        ctx.ensure_current(dom, run, "detach")
+        run.definition = without_device(run.definition, device_id)
+        run.ports.pop(device_id, None)
+        run.pending_detach.discard(device_id)
+        ctx.save_status(dom, run)
     log.info("domain %s: device %s removed", dom.name, device_id)
     return True
 
 
-async def reconcile(ctx: Context, dom: Domain, generation: int) -> None:
+async def reconcile(ctx: Context, dom: Domain, run: Run) -> None:
     """After a reconnect (the caller holds the job): compare QEMU's devices with the JSON.
     An entry QEMU lacks is cleaned (an attach or detach cut short); a device QEMU has but the
     JSON lacks is a bug: logged and reported, never silently adopted."""
-    present = await peripherals(ctx, dom, generation)
-    blocks = await ctx.qmp(dom, generation, "query-block")
+    present = await peripherals(ctx, dom, run)
+    blocks = await ctx.qmp(dom, run, "query-block")
     media = {b.get("qdev", "").rsplit("/", 1)[-1]: (b.get("inserted") or {}).get("file")
              for b in blocks}
     async with dom.lock:  # fast lock
-        ctx.ensure_current(dom, generation, "reconnect")
-        known = {d.id: d for d in all_devices(dom.definition)}
+        ctx.ensure_current(dom, run, "reconnect")
+        known = {d.id: d for d in all_devices(run.definition)}
     for device_id in sorted(set(known) - present):
         log.warning("domain %s: device %s is in the JSON config but not in QEMU: cleaning "
                     "the entry (an attach or detach was cut short)", dom.name, device_id)
-        await finish_detach(ctx, dom, generation, device_id)
+        await finish_detach(ctx, dom, run, device_id)
     for device_id in sorted(present - set(known)):
-        msg = (f"domain '{dom.name}': device '{device_id}' exists in QEMU but not in its JSON "
-               "config: this is a qvirtd bug, please report it")
-        log.error(msg)
-        ctx.device_warnings.append(msg)
+        ctx.warn(f"domain '{dom.name}': device '{device_id}' exists in QEMU but not in its "
+                 "JSON config: this is a qvirtd bug, please report it")
     async with dom.lock:  # fast lock: CD-ROM entries against QEMU's drives
-        ctx.ensure_current(dom, generation, "reconnect")
-        cdroms = list(dom.definition.cdroms)
+        ctx.ensure_current(dom, run, "reconnect")
+        cdroms = list(run.definition.cdroms)
     for cd in cdroms:
         inserted = media.get(cd.id)
         if cd.path is not None and inserted is None:
@@ -162,17 +166,14 @@ async def reconcile(ctx: Context, dom: Domain, generation: int) -> None:
             log.warning("domain %s: %s has no medium in QEMU: clearing the stale entry",
                         dom.name, cd.id)
             for node in _backend_nodes(cd):
-                await _ignore_missing(ctx, dom, generation, "blockdev-del", {"node-name": node})
+                await _ignore_missing(ctx, dom, run, "blockdev-del", {"node-name": node})
             async with dom.lock:  # fast lock
-                ctx.ensure_current(dom, generation, "reconnect")
-                assert dom.live_def is not None
-                dom.live_def = with_medium(dom.live_def, cd.id, None)
-                ctx.save_status(dom)
+                ctx.ensure_current(dom, run, "reconnect")
+                run.definition = with_medium(run.definition, cd.id, None)
+                ctx.save_status(dom, run)
         elif inserted is not None and cd.path != inserted:
-            msg = (f"domain '{dom.name}': CD-ROM '{cd.id}' holds {inserted} in QEMU but "
-                   f"{cd.path} in its JSON config: this is a qvirtd bug")
-            log.error(msg)
-            ctx.device_warnings.append(msg)
+            ctx.warn(f"domain '{dom.name}': CD-ROM '{cd.id}' holds {inserted} in QEMU but "
+                     f"{cd.path} in its JSON config: this is a qvirtd bug")
 
 
 class Devices:
@@ -196,32 +197,46 @@ class Devices:
                     if dom.persistent_def is None:
                         raise InvalidOperationError(f"domain '{dom.name}' is transient: "
                                                     "it has no definition to change")
-                    self._check_free_id(dom, dom.persistent_def, device.id)
+                    self._check_free_id(dom, dom.run, dom.persistent_def, device.id)
                     new_persistent = self._added(dom.persistent_def, device)
                 if live:
-                    generation = ctx.running_generation(dom)
-                    assert dom.live_def is not None
-                    self._check_free_id(dom, dom.live_def, device.id)
-                    port = self._free_port(dom) if not isinstance(device, CdromDef) else None
-                    dom.live_def = self._added(dom.live_def, device)
+                    run = ctx.running(dom)
+                    self._check_free_id(dom, run, run.definition, device.id)
+                    port = self._free_port(dom, run) if not isinstance(device, CdromDef) \
+                        else None
+                    run.definition = self._added(run.definition, device)
                     if port is not None:
-                        dom.ports[device.id] = port
-                    ctx.save_status(dom)  # the JSON describes it before QEMU gets it
+                        run.ports[device.id] = port
+                    ctx.save_status(dom, run)
             if live:
-                await self._plug(dom, generation, device, port)
+                await self._described(dom, run, device.id)  # the JSON is on disk first
+                await self._plug(dom, run, device, port)
                 async with dom.lock:  # fast lock
                     ctx.emit(dom, "device-added", data={"device": device.id,
                                                         "kind": device_kind(device)})
             if config:
+                await ctx.store.save(new_persistent)  # on disk, then in memory (no lock held)
                 async with dom.lock:  # fast lock
-                    ctx.store.save(new_persistent)
                     dom.persistent_def = new_persistent
                     ctx.emit(dom, "lifecycle", "defined", "updated")
         return {"name": dom.name, "device": device.id, "live": live, "config": config}
 
+    async def _described(self, dom: Domain, run: Run, device_id: str) -> None:
+        """Barrier: the status file naming the new device is on disk. If it cannot be
+        written, QEMU gets nothing and the entry goes again."""
+        try:
+            await self.ctx.status_barrier(run)
+        except StorageError:
+            async with dom.lock:  # fast lock
+                if dom.run is run:
+                    run.definition = without_device(run.definition, device_id)
+                    run.ports.pop(device_id, None)
+                    self.ctx.save_status(dom, run)
+            raise
+
     @staticmethod
-    def _check_free_id(dom: Domain, definition: Any, device_id: str) -> None:
-        if device_id in dom.pending_detach:
+    def _check_free_id(dom: Domain, run: Run | None, definition: Any, device_id: str) -> None:
+        if run is not None and device_id in run.pending_detach:
             raise InvalidOperationError(
                 f"device '{device_id}' of domain '{dom.name}' is still being removed (the "
                 "guest has not released it): attach it again once it is gone")
@@ -238,16 +253,16 @@ class Devices:
                 f"cannot add device '{device.id}': {describe_validation_error(exc)}") from None
 
     @staticmethod
-    def _free_port(dom: Domain) -> str:
-        used = set(dom.ports.values())
-        for i in range(dom.root_ports):
+    def _free_port(dom: Domain, run: Run) -> str:
+        used = set(run.ports.values())
+        for i in range(run.root_ports):
             if f"rp{i}" not in used:
                 return f"rp{i}"
         raise InvalidOperationError(
             f"domain '{dom.name}' has no free PCIe port for hotplug (it started with "
-            f"{dom.root_ports} root ports, all in use): raise hotplug_ports and restart it")
+            f"{run.root_ports} root ports, all in use): raise hotplug_ports and restart it")
 
-    async def _plug(self, dom: Domain, generation: int, device: Device,
+    async def _plug(self, dom: Domain, run: Run, device: Device,
                     port: str | None) -> None:
         """The QMP exchange of an attach (slow lock held). On a refusal, undo what QEMU has
         and only then drop the JSON entry; on an unknown outcome (timeout), keep it."""
@@ -256,33 +271,32 @@ class Devices:
         try:
             if isinstance(device, DiskDef):
                 for node in disk_blockdevs(device):
-                    await ctx.qmp(dom, generation, "blockdev-add", node)
+                    await ctx.qmp(dom, run, "blockdev-add", node)
                     added.append(("blockdev-del", {"node-name": node["node-name"]}))
                 assert port is not None
-                await ctx.qmp(dom, generation, "device_add", disk_device(device, port))
+                await ctx.qmp(dom, run, "device_add", disk_device(device, port))
             elif isinstance(device, CdromDef):
                 for node in cdrom_blockdevs(device):
-                    await ctx.qmp(dom, generation, "blockdev-add", node)
+                    await ctx.qmp(dom, run, "blockdev-add", node)
                     added.append(("blockdev-del", {"node-name": node["node-name"]}))
-                await ctx.qmp(dom, generation, "device_add", cdrom_device(device))
+                await ctx.qmp(dom, run, "device_add", cdrom_device(device))
             else:
-                await ctx.qmp(dom, generation, "netdev_add", nic_netdev(device))
+                await ctx.qmp(dom, run, "netdev_add", nic_netdev(device))
                 added.append(("netdev_del", {"id": f"net-{device.id}"}))
                 assert port is not None
-                await ctx.qmp(dom, generation, "device_add",
-                              nic_device(device, dom.uuid, port))
+                await ctx.qmp(dom, run, "device_add", nic_device(device, dom.uuid, port))
         except MonitorTimeoutError as exc:
             raise QvirtError(f"{exc}; whether QEMU added device '{device.id}' is unknown, so "
                              "its entry stays in the JSON config (the next reconnect or "
                              "detach settles it)") from exc
         except MonitorError:
             for command, args in reversed(added):
-                await _ignore_missing(ctx, dom, generation, command, args)
+                await _ignore_missing(ctx, dom, run, command, args)
             async with dom.lock:  # fast lock: QEMU has none of it; the entry may go
-                if dom.is_current(generation) and dom.live_def is not None:
-                    dom.live_def = without_device(dom.live_def, device.id)
-                    dom.ports.pop(device.id, None)
-                    ctx.save_status(dom)
+                if dom.run is run:
+                    run.definition = without_device(run.definition, device.id)
+                    run.ports.pop(device.id, None)
+                    ctx.save_status(dom, run)
             raise
 
     async def detach(self, ident: str, device_id: str, wait_s: float, config: bool,
@@ -292,7 +306,8 @@ class Devices:
         removed = False
         async with ctx.job(dom, JobKind.MODIFY, owner):  # the slow lock
             async with dom.lock:  # fast lock
-                live = dom.active and find_device(dom.definition, device_id) is not None
+                run = dom.run
+                live = run is not None and find_device(run.definition, device_id) is not None
                 in_config = (dom.persistent_def is not None
                              and find_device(dom.persistent_def, device_id) is not None)
                 if not live and not (config and in_config):
@@ -301,40 +316,43 @@ class Devices:
                         + ("" if dom.active or config else " (it is not running: use "
                            "--config to change its definition)"))
                 if live:
-                    if device_id in dom.pending_detach:
+                    run = ctx.running(dom)
+                    if device_id in run.pending_detach:
                         raise InvalidOperationError(
                             f"removal of device '{device_id}' from domain '{dom.name}' is "
                             "already pending: the guest has not released it yet")
-                    generation = ctx.running_generation(dom)
-                    dom.pending_detach.add(device_id)
-                    ctx.save_status(dom)
-                    waiter = dom.device_waiters.setdefault(
-                        device_id, asyncio.get_running_loop().create_future())
+                    run.pending_detach.add(device_id)
+                    ctx.save_status(dom, run)
+                    monitor = run.monitor
             if live:
-                try:
+                assert run is not None and monitor is not None
+                with monitor.listen({"DEVICE_DELETED"}) as deleted:
                     try:
-                        await _ignore_missing(ctx, dom, generation, "device_del",
-                                              {"id": device_id})
+                        await _ignore_missing(ctx, dom, run, "device_del", {"id": device_id})
                     except MonitorError as exc:
                         if not isinstance(exc, MonitorTimeoutError):  # refused: not pending
                             async with dom.lock:  # fast lock
-                                dom.pending_detach.discard(device_id)
-                                ctx.save_status(dom)
+                                if dom.run is run:
+                                    run.pending_detach.discard(device_id)
+                                    ctx.save_status(dom, run)
                         raise
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(asyncio.shield(waiter), wait_s)
-                    removed = await finish_detach(ctx, dom, generation, device_id)
-                finally:
-                    # No longer waiting: a DEVICE_DELETED from now on finishes the removal
-                    # through its own job (qmp_events), not through this waiter.
-                    async with dom.lock:  # fast lock
-                        if dom.device_waiters.get(device_id) is waiter:
-                            del dom.device_waiters[device_id]
+                    # QEMU also sends DEVICE_DELETED for the device's parts (a virtio
+                    # backend, with only a QOM path): only the one naming the id counts.
+                    try:
+                        await deleted.wait_for(
+                            lambda _name, data: data.get("device") == device_id, wait_s)
+                    except TimeoutError:
+                        pass  # still pending: the event, when it comes, finishes it
+                    except MonitorClosedError:
+                        await ctx.explain_closed(dom, run, "detach")
+                        raise
+                removed = await finish_detach(ctx, dom, run, device_id)
             if config and in_config:
                 async with dom.lock:  # fast lock
                     assert dom.persistent_def is not None
                     new_persistent = without_device(dom.persistent_def, device_id)
-                    ctx.store.save(new_persistent)
+                await ctx.store.save(new_persistent)  # on disk, then in memory
+                async with dom.lock:  # fast lock
                     dom.persistent_def = new_persistent
                     ctx.emit(dom, "lifecycle", "defined", "updated")
         return {"name": dom.name, "device": device_id, "live": live,
@@ -355,32 +373,31 @@ class Devices:
         dom = await ctx.lookup(ident)
         async with ctx.job(dom, JobKind.MODIFY, owner):  # the slow lock
             async with dom.lock:  # fast lock
-                generation = ctx.running_generation(dom)
-                cd = find_device(dom.definition, cdrom_id)
+                run = ctx.running(dom)
+                cd = find_device(run.definition, cdrom_id)
                 if not isinstance(cd, CdromDef):
                     raise InvalidOperationError(
                         f"domain '{dom.name}' has no CD-ROM '{cdrom_id}'")
-            blocks = await ctx.qmp(dom, generation, "query-block")
+            blocks = await ctx.qmp(dom, run, "query-block")
             inserted = any(b.get("qdev", "").rsplit("/", 1)[-1] == cdrom_id
                            and b.get("inserted") for b in blocks)
-            await ctx.qmp(dom, generation, "blockdev-open-tray", {"id": cdrom_id,
-                                                                  "force": True})
+            await ctx.qmp(dom, run, "blockdev-open-tray", {"id": cdrom_id, "force": True})
             if inserted:
-                await ctx.qmp(dom, generation, "blockdev-remove-medium", {"id": cdrom_id})
+                await ctx.qmp(dom, run, "blockdev-remove-medium", {"id": cdrom_id})
             for node in _backend_nodes(cd):
-                await _ignore_missing(ctx, dom, generation, "blockdev-del", {"node-name": node})
+                await _ignore_missing(ctx, dom, run, "blockdev-del", {"node-name": node})
             async with dom.lock:  # fast lock: the old medium is out of QEMU; describe the new
-                ctx.ensure_current(dom, generation, "change-media")
-                assert dom.live_def is not None
-                dom.live_def = with_medium(dom.live_def, cdrom_id, path)
-                ctx.save_status(dom)
+                ctx.ensure_current(dom, run, "change-media")
+                run.definition = with_medium(run.definition, cdrom_id, path)
+                ctx.save_status(dom, run)
             if path is not None:
+                await ctx.status_barrier(run)  # the JSON names the medium before QEMU has it
                 new = CdromDef(id=cdrom_id, path=path)
                 for spec in cdrom_blockdevs(new):
-                    await ctx.qmp(dom, generation, "blockdev-add", spec)
-                await ctx.qmp(dom, generation, "blockdev-insert-medium",
+                    await ctx.qmp(dom, run, "blockdev-add", spec)
+                await ctx.qmp(dom, run, "blockdev-insert-medium",
                               {"id": cdrom_id, "node-name": f"fmt-{cdrom_id}"})
-            await ctx.qmp(dom, generation, "blockdev-close-tray", {"id": cdrom_id})
+            await ctx.qmp(dom, run, "blockdev-close-tray", {"id": cdrom_id})
             async with dom.lock:  # fast lock
                 ctx.emit(dom, "tray-change", data={"device": cdrom_id, "medium": path})
         return {"name": dom.name, "device": cdrom_id, "medium": path}

@@ -19,14 +19,23 @@ from ..errors import (
     InvalidOperationError,
     NoDomainError,
     QvirtError,
+    RawQmpRefusedError,
+    StorageError,
     describe_validation_error,
 )
-from ..job import JobKind
+from ..job import Job, JobKind
 from ..model import DomainDef, DomainState, Reason
+from ..qemu.console import read_tail
+from ..qemu.qmp_policy import TAINT_CUSTOM_MONITOR, check_raw_command, refused_reason
+from ..run import CONSOLE_LOG
 from .context import Context
-from .runtime import Runtime
+from .runtime import DESTROY_RECORD_S, Runtime
 
 log = logging.getLogger(__name__)
+
+
+class _Undefined(Exception):
+    """define: the domain found was undefined while we waited for its job."""
 
 
 class Lifecycle:
@@ -37,8 +46,8 @@ class Lifecycle:
     # --- definitions ---------------------------------------------------------------------
 
     async def define(self, raw: dict[str, Any], owner: str) -> dict[str, Any]:
-        """Create or update a persistent definition. Nothing is stored if it is invalid."""
-        ctx = self.ctx
+        """Create or update a persistent definition. Nothing is stored if it is invalid, and
+        nothing changes in memory unless the file was written."""
         if not isinstance(raw, dict):
             raise InvalidDefinitionError("definition: must be a JSON object")
         try:
@@ -46,7 +55,17 @@ class Lifecycle:
         except ValidationError as exc:
             raise InvalidDefinitionError(
                 f"invalid definition: {describe_validation_error(exc)}") from None
-        uuid_given = "uuid" in raw
+        except RecursionError:
+            raise InvalidDefinitionError("definition: nested too deeply") from None
+        while True:
+            try:
+                return await self._define(definition, "uuid" in raw, owner)
+            except _Undefined:
+                continue  # it was undefined while we waited for its job: define it anew
+
+    async def _define(self, definition: DomainDef, uuid_given: bool,
+                      owner: str) -> dict[str, Any]:
+        ctx = self.ctx
         async with ctx.table.lock:  # L1: look up, and reserve a new slot
             dom = ctx.table.get_name(definition.name)
             if dom is not None and not uuid_given:
@@ -61,24 +80,39 @@ class Lifecycle:
                                              f"'{other.name}'")
             created = dom is None
             if dom is None:
+                # A new entry is born holding its MODIFY job (nobody else can see it yet):
+                # whoever finds it before its file is written waits, then re-checks.
                 dom = Domain(definition, persistent=True)
+                dom.job.sync_job = Job(JobKind.MODIFY, owner)
                 ctx.table.add(dom)
         if created:
             try:
-                async with dom.lock:  # L3: the file and the entry change together
-                    ctx.store.save(definition)
-                    ctx.emit(dom, "lifecycle", "defined", "added")
-            except OSError as exc:
+                await ctx.store.save(definition)
+            except BaseException:
                 async with ctx.table.lock:  # L1: undo the reservation
                     ctx.table.remove(dom)
-                raise QvirtError(f"cannot store definition of '{dom.name}': {exc}") from exc
-        else:
-            async with ctx.job(dom, JobKind.MODIFY, owner):
-                async with dom.lock:  # L3
-                    ctx.store.save(definition)
-                    dom.persistent_def = definition
-                    ctx.emit(dom, "lifecycle", "defined", "updated")
-        return {"name": dom.name, "uuid": dom.uuid, "created": created}
+                raise
+            finally:
+                async with dom.lock:  # L2: end the job it was born with
+                    assert dom.job.sync_job is not None
+                    dom.job.release(dom.job.sync_job)
+            async with dom.lock:  # L3
+                ctx.emit(dom, "lifecycle", "defined", "added")
+            log.info("domain %s defined by %s", dom.name, owner)
+            return {"name": dom.name, "uuid": dom.uuid, "created": True}
+        try:
+            job = await ctx.begin_job(dom, JobKind.MODIFY, owner)
+        except NoDomainError:
+            raise _Undefined() from None
+        try:
+            await ctx.store.save(definition)  # on disk first (no lock held), then in memory
+            async with dom.lock:  # L3
+                dom.persistent_def = definition
+                ctx.emit(dom, "lifecycle", "defined", "updated")
+        finally:
+            await ctx.end_job(dom, job)
+        log.info("domain %s updated by %s", dom.name, owner)
+        return {"name": dom.name, "uuid": dom.uuid, "created": False}
 
     async def undefine(self, ident: str, owner: str) -> dict[str, Any]:
         ctx = self.ctx
@@ -87,29 +121,30 @@ class Lifecycle:
             async with dom.lock:  # L3
                 if not dom.persistent:
                     raise InvalidOperationError(f"domain '{dom.name}' is not persistent")
-                ctx.store.delete(dom.name)
-                if dom.active:
-                    # It keeps running as a transient domain; its live definition stays.
-                    assert dom.live_def is not None
+            # The files go first (no lock held); if they cannot, nothing changes.
+            await ctx.store.delete(dom.name)
+            await ctx.store.set_autostart(dom.name, False)
+            async with dom.lock:  # L3
                 dom.persistent_def = None
                 dom.autostart = False
                 ctx.emit(dom, "lifecycle", "undefined", "removed")
-                remove_now = not dom.active
-        if remove_now:
-            async with ctx.table.lock:  # L1: removal last, with no domain lock held
-                if dom.persistent_def is None and not dom.active:
-                    ctx.table.remove(dom)
-        return {"name": dom.name, "transient": not remove_now}
+                transient = dom.active  # it keeps running; its live definition stays
+        await ctx.remove_if_unused(dom)  # L1: removal last, with no domain lock held
+        log.info("domain %s undefined by %s", dom.name, owner)
+        return {"name": dom.name, "transient": transient}
 
-    async def set_autostart(self, ident: str, enabled: bool) -> dict[str, Any]:
+    async def set_autostart(self, ident: str, enabled: bool, owner: str) -> dict[str, Any]:
         ctx = self.ctx
         dom = await ctx.lookup(ident)
-        async with dom.lock:  # L3
-            if not dom.persistent:
-                raise InvalidOperationError(
-                    f"domain '{dom.name}' is transient: only persistent domains autostart")
-            ctx.store.set_autostart(dom.name, enabled)
-            dom.autostart = enabled
+        async with ctx.job(dom, JobKind.MODIFY, owner):
+            async with dom.lock:  # L3
+                if not dom.persistent:
+                    raise InvalidOperationError(
+                        f"domain '{dom.name}' is transient: only persistent domains autostart")
+            await ctx.store.set_autostart(dom.name, enabled)
+            async with dom.lock:  # L3
+                dom.autostart = enabled
+        log.info("domain %s autostart %s by %s", dom.name, "on" if enabled else "off", owner)
         return {"name": dom.name, "autostart": enabled}
 
     # --- queries (domain lock only, no job: they never wait for QEMU) --------------------
@@ -131,6 +166,33 @@ class Lifecycle:
         async with dom.lock:  # L3
             return dom.info()
 
+    async def domjobinfo(self, ident: str) -> dict[str, Any]:
+        dom = await self.ctx.lookup(ident)
+        async with dom.lock:  # L3
+            return {"name": dom.name, **dom.job.info()}
+
+    async def domjobabort(self, ident: str, owner: str) -> dict[str, Any]:
+        """Ask the domain's async job to stop (an ABORT job, allowed beside async jobs), then
+        wait, bounded, until it has: it rolls back what it had done."""
+        ctx = self.ctx
+        dom = await ctx.lookup(ident)
+        async with ctx.job(dom, JobKind.ABORT, owner):
+            async with dom.lock:  # L3
+                job = dom.job.async_job
+                if job is None:
+                    raise InvalidOperationError(f"domain '{dom.name}' has no job to abort")
+                job.request_abort(owner)
+                info = job.info()
+        log.info("domain %s: %s (phase %s) abort asked by %s", dom.name, job.kind, job.phase,
+                 owner)
+        try:
+            async with asyncio.timeout(ctx.settings.job_wait_timeout_s):
+                await job.done.wait()
+        except TimeoutError:
+            raise QvirtError(f"domain '{dom.name}': {job.kind} was asked to abort but has not "
+                             f"stopped within {ctx.settings.job_wait_timeout_s:g} s") from None
+        return {"name": dom.name, "aborted": info}
+
     async def dumpjson(self, ident: str, inactive: bool) -> dict[str, Any]:
         dom = await self.ctx.lookup(ident)
         async with dom.lock:  # L3
@@ -143,16 +205,14 @@ class Lifecycle:
 
     async def console_log(self, ident: str, max_bytes: int) -> dict[str, Any]:
         dom = await self.ctx.lookup(ident)
-        path = self.ctx.layout.domain_run_dir(dom.name) / "console.log"
+        path = self.ctx.layout.domain_run_dir(dom.name) / CONSOLE_LOG
         try:
-            with open(path, "rb") as f:
-                f.seek(0, 2)
-                size = f.tell()
-                f.seek(max(0, size - max_bytes))
-                data = f.read()
+            size, data = await asyncio.to_thread(read_tail, path, max_bytes)  # L6
         except FileNotFoundError:
             raise InvalidOperationError(f"domain '{dom.name}' has no console log yet "
                                         "(it has never run)") from None
+        except OSError as exc:
+            raise StorageError(f"cannot read {path}: {exc.strerror}") from exc
         return {"name": dom.name, "size": size, "text": data.decode(errors="replace")}
 
     # --- start and stop ------------------------------------------------------------------
@@ -168,18 +228,27 @@ class Lifecycle:
         ctx = self.ctx
         dom = await ctx.lookup(ident)
         async with dom.lock:  # L3
-            if not dom.active:
+            run = dom.run
+            if run is None:
                 raise InvalidOperationError(f"domain '{dom.name}' is not running")
-            generation = dom.generation
-            dom.stop_reason = Reason.DESTROYED
-            ctx.save_status(dom)  # a destroy interrupted by a daemon crash is finished after
-        await self.runtime.kill(dom, generation)
+            run.stop_reason = Reason.DESTROYED
+            ctx.save_status(dom, run)
+        log.info("domain %s: destroy asked by %s", dom.name, owner)
+        # Barrier, bounded: a daemon that dies after the kill still knows it was a destroy;
+        # but a sick disk must never keep a destroy from killing QEMU.
+        try:
+            async with asyncio.timeout(DESTROY_RECORD_S):
+                await ctx.status_barrier(run)
+        except (TimeoutError, StorageError) as exc:
+            log.warning("domain %s: destroying without the record on disk: %s", dom.name,
+                        exc or "the write did not finish in time")
+        await self.runtime.kill(dom, run)
         # Wait, bounded, for the job that was interrupted (if any) to let go, so that when
         # destroy returns nothing is still acting on the old run.
         try:
             async with ctx.job(dom, JobKind.DESTROY, owner):
                 pass
-        except (QvirtError, NoDomainError) as exc:
+        except QvirtError as exc:
             log.warning("domain %s: destroyed, but: %s", dom.name, exc)
         return {"name": dom.name, "state": str(DomainState.SHUTOFF)}
 
@@ -189,17 +258,14 @@ class Lifecycle:
         dom = await ctx.lookup(ident)
         async with ctx.job(dom, JobKind.MODIFY, owner):
             async with dom.lock:  # L3
-                generation = ctx.running_generation(dom)
-                dom.fake_reboot = False
-                ended = dom.run_ended
-            await ctx.qmp(dom, generation, "system_powerdown", what="shutdown")
-        if wait_s is not None:
-            try:
-                await asyncio.wait_for(ended.wait(), wait_s)
-            except TimeoutError:
-                raise QvirtError(f"domain '{dom.name}' did not shut off within "
-                                 f"{wait_s:g} s (the guest may ignore the power button)"
-                                 ) from None
+                run = ctx.running(dom)
+                run.fake_reboot = False
+                ctx.save_status(dom, run)
+            await ctx.qmp(dom, run, "system_powerdown", what="shutdown")
+        log.info("domain %s: shutdown asked by %s", dom.name, owner)
+        if wait_s is not None and not await ctx.wait_ended(run, wait_s):
+            raise QvirtError(f"domain '{dom.name}' did not shut off within {wait_s:g} s (the "
+                             "guest may ignore the power button)")
         return await self.dominfo(dom.uuid)
 
     async def reboot(self, ident: str, owner: str) -> dict[str, Any]:
@@ -208,53 +274,67 @@ class Lifecycle:
         dom = await ctx.lookup(ident)
         async with ctx.job(dom, JobKind.MODIFY, owner):
             async with dom.lock:  # L3
-                generation = ctx.running_generation(dom)
-                dom.fake_reboot = True
-                ctx.save_status(dom)
-            await ctx.qmp(dom, generation, "system_powerdown", what="reboot")
+                run = ctx.running(dom)
+                run.fake_reboot = True
+                ctx.save_status(dom, run)
+            await ctx.qmp(dom, run, "system_powerdown", what="reboot")
+        log.info("domain %s: reboot asked by %s", dom.name, owner)
         return await self.dominfo(dom.uuid)
 
-    async def _simple(self, ident: str, owner: str, command: str,
+    async def _simple(self, ident: str, owner: str, kind: JobKind, command: str,
                       after: tuple[DomainState, Reason, tuple[str, str]] | None
                       ) -> dict[str, Any]:
-        """A MODIFY job around one QMP command, then the state it implies (if still ours)."""
+        """A job around one QMP command, then the state it implies (if still ours)."""
         ctx = self.ctx
         dom = await ctx.lookup(ident)
-        async with ctx.job(dom, JobKind.MODIFY, owner):
+        async with ctx.job(dom, kind, owner):
             async with dom.lock:  # L3
-                generation = ctx.running_generation(dom)
+                run = ctx.running(dom)
                 if command == "stop":
-                    dom.pause_hint = Reason.USER  # the STOP event QEMU sends is ours
-            await ctx.qmp(dom, generation, command, what=owner.split(" ")[0])
+                    run.pause_hint = Reason.USER  # the STOP event QEMU sends is ours
+            await ctx.qmp(dom, run, command, what=owner.split(" ")[0])
             async with dom.lock:  # L5
-                ctx.ensure_current(dom, generation, command)
+                ctx.ensure_current(dom, run, command)
                 if after is not None:
                     ctx.set_state(dom, after[0], after[1], after[2])
+                log.info("domain %s: %s by %s", dom.name, command, owner)
                 return dom.info()
 
     async def suspend(self, ident: str, owner: str) -> dict[str, Any]:
-        return await self._simple(ident, owner, "stop",
+        return await self._simple(ident, owner, JobKind.SUSPEND, "stop",
                                   (DomainState.PAUSED, Reason.USER, ("suspended", "paused")))
 
     async def resume(self, ident: str, owner: str) -> dict[str, Any]:
-        return await self._simple(ident, owner, "cont",
+        return await self._simple(ident, owner, JobKind.SUSPEND, "cont",
                                   (DomainState.RUNNING, Reason.UNPAUSED, ("resumed", "unpaused")))
 
     async def reset(self, ident: str, owner: str) -> dict[str, Any]:
-        return await self._simple(ident, owner, "system_reset", None)
+        return await self._simple(ident, owner, JobKind.MODIFY, "system_reset", None)
 
-    async def monitor_command(self, ident: str, message: dict[str, Any],
+    async def monitor_command(self, ident: str, message: dict[str, Any], force: bool,
                               owner: str) -> Any:
-        """One raw QMP command from the user, under a MODIFY job (it may change anything)."""
+        """One raw QMP command from the user, under a MODIFY job (it may change anything).
+        Commands that could put something in QEMU that no JSON config lists are refused
+        unless `force`, which taints the run (qemu/qmp_policy.py)."""
         ctx = self.ctx
         dom = await ctx.lookup(ident)
-        if not isinstance(message.get("execute"), str):
-            raise InvalidOperationError("command: needs an 'execute' member naming the command")
-        if message["execute"] == "qmp_capabilities":
-            raise InvalidOperationError("command: qmp_capabilities is done by the daemon")
+        command = check_raw_command(message)
+        refusal = refused_reason(command)
+        if refusal is not None and not force:
+            raise RawQmpRefusedError(
+                f"'{command}' is refused on domain '{dom.name}': {refusal}. Pass --force to "
+                "send it anyway; the domain is then marked tainted (custom-monitor)")
         async with ctx.job(dom, JobKind.MODIFY, owner):
             async with dom.lock:  # L3
-                ctx.running_generation(dom)
-                monitor = dom.monitor
+                run = ctx.running(dom)
+                monitor = run.monitor
+                if refusal is not None and TAINT_CUSTOM_MONITOR not in run.tainted:
+                    run.tainted.append(TAINT_CUSTOM_MONITOR)
+                    ctx.save_status(dom, run)
+            if refusal is not None:
+                log.warning("domain %s: tainted (%s): '%s' forced by %s", dom.name,
+                            TAINT_CUSTOM_MONITOR, command, owner)
+            else:
+                log.info("domain %s: raw QMP '%s' by %s", dom.name, command, owner)
             assert monitor is not None
             return await monitor.execute_raw(message)

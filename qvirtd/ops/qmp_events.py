@@ -1,72 +1,61 @@
 """QMP events -> domain state, reason and our events. Pure state logic, no I/O, no awaits.
 
-`apply()` is called by the domain's event pump with the domain lock held (rule L3). It changes
+`apply()` is called by the run's event pump with the domain lock held (rule L3). It changes
 state and reason and queues events (E1) right there. Anything that needs the monitor or the
-process (a reset-and-continue, a kill) is returned as a `FollowUp` for the caller to run as a
-task that takes a job: an event handler never talks to QEMU itself.
+process (a reset-and-continue, a kill, finishing a detach) is returned as a `FollowUp`, which
+the caller records on the run (and in its status file) for the run's follow-up runner: an
+event handler never talks to QEMU itself.
 
 The mapping to libvirt's event vocabulary is documented in docs/events.md.
 """
 
 from __future__ import annotations
 
-import enum
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 from ..domain import Domain
 from ..model import DomainState, LifecycleAction, Reason
+from ..run import FollowUp, FollowUpKind, Run
 from .context import Context
 
 log = logging.getLogger(__name__)
 
-
-class FollowUpKind(enum.Enum):
-    KILL = "kill"                  # stop QEMU (stop_reason already set)
-    RESET_CONTINUE = "reset"       # system_reset + cont in the same QEMU
-    FINISH_DETACH = "detach"       # the guest released a device: drop its backends and entry
+__all__ = ["FollowUp", "FollowUpKind", "apply", "resync"]
 
 
-@dataclass(frozen=True)
-class FollowUp:
-    kind: FollowUpKind
-    why: str
-    device: str | None = None
-
-
-def _action(ctx: Context, dom: Domain, action: LifecycleAction, stop_reason: Reason,
+def _action(ctx: Context, dom: Domain, run: Run, action: LifecycleAction, stop_reason: Reason,
             why: str) -> FollowUp | None:
     """Turn an on_poweroff/on_reboot/on_crash action into state now and a follow-up."""
     if action is LifecycleAction.DESTROY:
-        dom.stop_reason = stop_reason
+        run.stop_reason = stop_reason
         return FollowUp(FollowUpKind.KILL, why)
     if action is LifecycleAction.RESTART:
         return FollowUp(FollowUpKind.RESET_CONTINUE, why)
     return None  # preserve: QEMU stays, stopped, for inspection
 
 
-def _shutdown(ctx: Context, dom: Domain, data: dict[str, Any]) -> FollowUp | None:
+def _shutdown(ctx: Context, dom: Domain, run: Run, data: dict[str, Any]) -> FollowUp | None:
     guest = bool(data.get("guest"))
     qemu_reason = str(data.get("reason", ""))
-    if dom.state is DomainState.SHUTDOWN or (dom.stop_reason is not None and not guest):
+    if dom.state is DomainState.SHUTDOWN or (run.stop_reason is not None and not guest):
         # A repeated SHUTDOWN, or QEMU acknowledging the SIGTERM we sent it (destroy, or the
         # kill after a guest power-off): the stop is already under way and will be announced.
         return None
-    dom.saw_shutdown = True
+    run.saw_shutdown = True
     ctx.set_state(dom, DomainState.SHUTDOWN, Reason.SHUTDOWN if guest else Reason.USER)
     ctx.emit(dom, "lifecycle", "shutdown", "finished",
              {"initiator": "guest" if guest else "host", "qemu_reason": qemu_reason})
-    return _poweroff_action(ctx, dom, guest, qemu_reason)
+    return _poweroff_action(ctx, dom, run, guest, qemu_reason)
 
 
-def _poweroff_action(ctx: Context, dom: Domain, guest: bool,
+def _poweroff_action(ctx: Context, dom: Domain, run: Run, guest: bool,
                      qemu_reason: str) -> FollowUp | None:
     """What to do once the guest has powered off (QEMU stopped, -no-shutdown)."""
-    definition = dom.definition
-    if dom.fake_reboot and guest:
+    definition = run.definition
+    if run.fake_reboot and guest:
         return FollowUp(FollowUpKind.RESET_CONTINUE, "reboot")
     if qemu_reason == "guest-reset":
         action, why = definition.on_reboot, "on_reboot"
@@ -78,21 +67,21 @@ def _poweroff_action(ctx: Context, dom: Domain, guest: bool,
         return None  # the host asked QEMU to quit: it is exiting on its own
     if action is LifecycleAction.PRESERVE:
         ctx.set_state(dom, DomainState.PAUSED, Reason.SHUTDOWN)
-    return _action(ctx, dom, action, Reason.SHUTDOWN, why)
+    return _action(ctx, dom, run, action, Reason.SHUTDOWN, why)
 
 
-def _stop(ctx: Context, dom: Domain, data: dict[str, Any]) -> FollowUp | None:
+def _stop(ctx: Context, dom: Domain, run: Run, data: dict[str, Any]) -> FollowUp | None:
     if dom.state is DomainState.RUNNING:
-        reason = dom.pause_hint or Reason.UNKNOWN
+        reason = run.pause_hint or Reason.UNKNOWN
         detail = {Reason.IOERROR: "ioerror", Reason.WATCHDOG: "watchdog"}.get(reason, "paused")
         ctx.set_state(dom, DomainState.PAUSED, reason, ("suspended", detail))
-    dom.pause_hint = None
+    run.pause_hint = None
     return None
 
 
-def _resume(ctx: Context, dom: Domain, data: dict[str, Any]) -> FollowUp | None:
+def _resume(ctx: Context, dom: Domain, run: Run, data: dict[str, Any]) -> FollowUp | None:
     # While starting, or after SHUTDOWN (a reset-and-continue), the operation sets the state.
-    if dom.state is DomainState.PAUSED and not dom.starting:
+    if dom.state is DomainState.PAUSED and not run.starting:
         ctx.set_state(dom, DomainState.RUNNING, Reason.UNPAUSED, ("resumed", "unpaused"))
     return None
 
@@ -103,11 +92,11 @@ def _resume(ctx: Context, dom: Domain, data: dict[str, Any]) -> FollowUp | None:
 REBOOT_COALESCE_S = 2.0
 
 
-def _reset(ctx: Context, dom: Domain, data: dict[str, Any]) -> FollowUp | None:
+def _reset(ctx: Context, dom: Domain, run: Run, data: dict[str, Any]) -> FollowUp | None:
     now = time.monotonic()
     guest = bool(data.get("guest"))
-    follows_reset = now - dom.last_reset_at < REBOOT_COALESCE_S
-    dom.last_reset_at = now
+    follows_reset = now - run.last_reset_at < REBOOT_COALESCE_S
+    run.last_reset_at = now
     if guest and follows_reset:
         log.debug("domain %s: firmware reset folded into the reboot in progress", dom.name)
         return None
@@ -116,60 +105,59 @@ def _reset(ctx: Context, dom: Domain, data: dict[str, Any]) -> FollowUp | None:
     return None
 
 
-def _powerdown(ctx: Context, dom: Domain, data: dict[str, Any]) -> FollowUp | None:
+def _powerdown(ctx: Context, dom: Domain, run: Run, data: dict[str, Any]) -> FollowUp | None:
     # QEMU acknowledges the ACPI power button; what the guest does about it comes later.
     log.info("domain %s: ACPI power button delivered", dom.name)
     return None
 
 
-def _suspend(ctx: Context, dom: Domain, data: dict[str, Any]) -> FollowUp | None:
+def _suspend(ctx: Context, dom: Domain, run: Run, data: dict[str, Any]) -> FollowUp | None:
     ctx.set_state(dom, DomainState.PMSUSPENDED, Reason.UNKNOWN, ("pmsuspended", "memory"))
     ctx.emit(dom, "pm-suspend")
     return None
 
 
-def _suspend_disk(ctx: Context, dom: Domain, data: dict[str, Any]) -> FollowUp | None:
+def _suspend_disk(ctx: Context, dom: Domain, run: Run, data: dict[str, Any]) -> FollowUp | None:
     ctx.set_state(dom, DomainState.PMSUSPENDED, Reason.UNKNOWN, ("pmsuspended", "disk"))
     ctx.emit(dom, "pm-suspend", data={"target": "disk"})
     return None
 
 
-def _wakeup(ctx: Context, dom: Domain, data: dict[str, Any]) -> FollowUp | None:
+def _wakeup(ctx: Context, dom: Domain, run: Run, data: dict[str, Any]) -> FollowUp | None:
     if dom.state is DomainState.PMSUSPENDED:
         ctx.set_state(dom, DomainState.RUNNING, Reason.WAKEUP, ("started", "wakeup"))
     ctx.emit(dom, "pm-wakeup")
     return None
 
 
-def _panicked(ctx: Context, dom: Domain, data: dict[str, Any]) -> FollowUp | None:
+def _panicked(ctx: Context, dom: Domain, run: Run, data: dict[str, Any]) -> FollowUp | None:
     # QEMU runs with -action panic=pause: the vCPUs are stopped, on_crash decides.
     ctx.set_state(dom, DomainState.CRASHED, Reason.PANICKED, ("crashed", "panicked"))
     info = data.get("info")
     if info:
         ctx.emit(dom, "guest-panic", data={"info": info})
-    return _action(ctx, dom, dom.definition.on_crash, Reason.CRASHED, "on_crash")
+    return _action(ctx, dom, run, run.definition.on_crash, Reason.CRASHED, "on_crash")
 
 
-def _device_deleted(ctx: Context, dom: Domain, data: dict[str, Any]) -> FollowUp | None:
+def _device_deleted(ctx: Context, dom: Domain, run: Run, data: dict[str, Any]) -> FollowUp | None:
     # QEMU sends DEVICE_DELETED for the device and for its parts (a virtio backend, with only
     # a QOM path): only the event that names the device id counts.
     device = data.get("device")
     if not device:
         return None
     ctx.emit(dom, "device-removed", data={"device": device, "path": data.get("path")})
-    waiter = dom.device_waiters.get(device)
-    if waiter is not None and not waiter.done():
-        waiter.set_result(None)  # a detach is waiting for exactly this: it finishes itself
-        return None
-    if device in dom.pending_detach:
+    # Recorded whether or not a detach is still waiting for this event: if it is, it finishes
+    # the removal first and the follow-up then finds nothing left to do; if it is not (it
+    # gave up, or is between its wait and its check), the follow-up finishes it.
+    if device in run.pending_detach:
         return FollowUp(FollowUpKind.FINISH_DETACH, f"detach-{device}", device)
     return None
 
 
-def _block_io_error(ctx: Context, dom: Domain, data: dict[str, Any]) -> FollowUp | None:
+def _block_io_error(ctx: Context, dom: Domain, run: Run, data: dict[str, Any]) -> FollowUp | None:
     action = str(data.get("action", ""))
     if action == "stop":
-        dom.pause_hint = Reason.IOERROR  # the STOP that follows is an I/O error pause
+        run.pause_hint = Reason.IOERROR  # the STOP that follows is an I/O error pause
     ctx.emit(dom, "io-error", data={
         "device": data.get("device") or None, "node": data.get("node-name"),
         "operation": data.get("operation"), "action": action,
@@ -177,28 +165,28 @@ def _block_io_error(ctx: Context, dom: Domain, data: dict[str, Any]) -> FollowUp
     return None
 
 
-def _watchdog(ctx: Context, dom: Domain, data: dict[str, Any]) -> FollowUp | None:
+def _watchdog(ctx: Context, dom: Domain, run: Run, data: dict[str, Any]) -> FollowUp | None:
     action = str(data.get("action", ""))
     if action == "pause":
-        dom.pause_hint = Reason.WATCHDOG
+        run.pause_hint = Reason.WATCHDOG
     ctx.emit(dom, "watchdog", data={"action": action})
     return None
 
 
-def _rtc_change(ctx: Context, dom: Domain, data: dict[str, Any]) -> FollowUp | None:
+def _rtc_change(ctx: Context, dom: Domain, run: Run, data: dict[str, Any]) -> FollowUp | None:
     ctx.emit(dom, "rtc-change", data={"utc_offset_s": data.get("offset")})
     return None
 
 
-def _balloon_change(ctx: Context, dom: Domain, data: dict[str, Any]) -> FollowUp | None:
+def _balloon_change(ctx: Context, dom: Domain, run: Run, data: dict[str, Any]) -> FollowUp | None:
     actual = data.get("actual")
     if isinstance(actual, int):
-        dom.balloon_actual_bytes = actual
+        run.balloon_actual_bytes = actual
     ctx.emit(dom, "balloon-change", data={"actual_bytes": actual})
     return None
 
 
-Handler = Callable[[Context, Domain, dict[str, Any]], FollowUp | None]
+Handler = Callable[[Context, Domain, Run, dict[str, Any]], FollowUp | None]
 
 HANDLERS: dict[str, Handler] = {
     "SHUTDOWN": _shutdown,
@@ -223,7 +211,7 @@ _PAUSED_STATUSES = frozenset({"paused", "prelaunch", "postmigrate", "finish-migr
                               "internal-error"})
 
 
-def resync(ctx: Context, dom: Domain, qemu_status: str) -> FollowUp | None:
+def resync(ctx: Context, dom: Domain, run: Run, qemu_status: str) -> FollowUp | None:
     """After a reconnect (caller holds the domain lock): bring state in line with QEMU's run
     state (`query-status`), announcing what changed while the daemon was away, and redo an
     action the previous daemon decided but did not finish."""
@@ -243,23 +231,25 @@ def resync(ctx: Context, dom: Domain, qemu_status: str) -> FollowUp | None:
         ctx.set_state(dom, DomainState.PMSUSPENDED, Reason.UNKNOWN, ("pmsuspended", "memory"))
     elif qemu_status == "guest-panicked":
         if state is DomainState.CRASHED:  # seen, but its on_crash action was not done
-            return _action(ctx, dom, dom.definition.on_crash, Reason.CRASHED, "on_crash")
-        return _panicked(ctx, dom, {})
+            return _action(ctx, dom, run, run.definition.on_crash, Reason.CRASHED, "on_crash")
+        return _panicked(ctx, dom, run, {})
     elif qemu_status == "shutdown":
         if (state, reason) == (DomainState.PAUSED, Reason.SHUTDOWN):
             return None  # on_poweroff = preserve: as it should be
         if state is DomainState.SHUTDOWN:  # seen, but its action was not done
-            return _poweroff_action(ctx, dom, True, "guest-shutdown")
-        return _shutdown(ctx, dom, {"guest": True, "reason": "guest-shutdown"})
+            return _poweroff_action(ctx, dom, run, True, "guest-shutdown")
+        return _shutdown(ctx, dom, run, {"guest": True, "reason": "guest-shutdown"})
     else:
         log.warning("domain %s: unknown QEMU run state %r", dom.name, qemu_status)
     return None
 
 
-def apply(ctx: Context, dom: Domain, name: str, data: dict[str, Any]) -> FollowUp | None:
+def apply(ctx: Context, dom: Domain, run: Run, name: str,
+          data: dict[str, Any]) -> FollowUp | None:
     """Apply one QMP event (caller holds the domain lock and has checked the run, L5)."""
+    dom.assert_locked()
     handler = HANDLERS.get(name)
     if handler is None:
         log.debug("domain %s: QMP event %s ignored", dom.name, name)
         return None
-    return handler(ctx, dom, data)
+    return handler(ctx, dom, run, data)

@@ -1,19 +1,27 @@
 """Coming back after a daemon restart or crash: find every run again, none lost, none twice.
 
-At start, before the socket serves anyone, `adopt_all()` reads every status file and, for
-each, decides from facts alone (no waiting):
+At start, before the socket serves anyone, `adopt_all()` reads every status file (forgivingly,
+status.py) and, for each, decides from facts alone, with the process table as the authority
+on whether a QEMU lives:
 
-* the QEMU is gone (dead pid, or a reused pid with another start time or binary): the domain
-  is shut off, reason `crashed`, or the `stop_reason` of a stop that was under way, with an
-  event; its status file and socket are removed;
-* it is alive and ours: the run is attached (pidfd watcher, event pump) and a job named
-  "reconnect" is taken for it, so operations queue behind the reconnect while queries answer.
+* the file is damaged or unreadable: nothing in it is trusted for management, but the QEMU it
+  names (by pid and start time, or any QEMU using that run directory) is looked for; if one
+  lives it is reported (`daemon-warnings`) and never taken for "no QEMU": starting that
+  domain is refused while it lives (runtime.check_no_qemu);
+* the QEMU is gone (dead pid, or a reused pid with another start time or binary): the run
+  ends (`end_run`): shut off, reason `crashed`, or the `stop_reason` of a stop that was under
+  way, or `failed` for a start that was cut short (any QEMU naming the run directory is
+  killed: it was spawned but not yet recorded);
+* it is alive and ours: the run is attached (pidfd watcher, event pump, follow-up runner) and
+  a MODIFY job named "reconnect" is taken for it, so operations queue behind the reconnect
+  while queries answer.
 
 Then each domain reconnects in its own task, in parallel, each bounded by the connect
-timeout, so one hung QEMU holds up nobody: a start that was cut short ("starting") is killed;
-an interrupted shutdown or destroy is finished; otherwise the monitor is reconnected and the
-state resynced from `query-status` (with events for what changed while we were away, and the
-action of a guest power-off or panic that was decided but not done).
+timeout, so one hung QEMU holds up nobody: a start that was cut short is rolled back; an
+interrupted shutdown or destroy is finished; otherwise the monitor and console are
+reconnected, the state resynced from `query-status` (with events for what changed while we
+were away), the JSON config compared with QEMU's devices, and the follow-ups recorded in the
+status file done.
 
 QEMU processes that name our run directory but that no status file accounts for are orphans:
 reported (log, daemon-warnings, `qvirsh list`), never killed: they may be someone's guest.
@@ -30,32 +38,39 @@ from pathlib import Path
 
 from ..domain import Domain
 from ..errors import QvirtError
-from ..job import Job, JobKind
-from ..model import DomainState, Reason
-from ..qemu.process import QemuProcess, proc_start_time, proc_state, qemu_pids_mentioning
-from ..status import DomainStatus, process_binary, remove_status, scan_statuses
+from ..job import AsyncJobKind, Job, JobKind
+from ..model import Reason
+from ..qemu.process import QemuProcess, proc_start_time, proc_state, qemu_processes
+from ..run import Run
+from ..status import DomainStatus, FoundStatus, process_binary, scan_statuses
 from . import qmp_events
 from .context import Context
 from .devices import reconcile
-from .runtime import STOP_DETAIL, Runtime, end_reason
+from .runtime import Runtime, end_reason
 
 log = logging.getLogger(__name__)
 
 MONITOR_RETRY_S = 5.0
 
 
-def our_process(status: DomainStatus) -> QemuProcess | None:
-    """The run's QEMU if it is alive and really ours (pid reuse is caught by start time)."""
-    pid = status.pid
+def our_process(pid: int | None, start_time: int | None, binary: str | None) -> QemuProcess | None:
+    """The QEMU a status names, if it is alive and really that one (pid reuse is caught by
+    the start time and the binary)."""
     if pid is None or proc_state(pid) in (None, "Z"):
         return None
-    if status.start_time is not None and proc_start_time(pid) != status.start_time:
+    if start_time is not None and proc_start_time(pid) != start_time:
         return None
     exe = process_binary(pid)
-    if exe is not None and os.path.realpath(exe) != os.path.realpath(status.binary):
+    if exe is not None and binary is not None and \
+            os.path.realpath(exe) != os.path.realpath(binary):
         return None
     process = QemuProcess(pid, None)
     return process if process.alive else None
+
+
+def _started(status: DomainStatus) -> bool:
+    """False when the status file records a start that did not finish."""
+    return status.async_job is None or status.async_job.kind != AsyncJobKind.START
 
 
 class Reconnector:
@@ -66,22 +81,43 @@ class Reconnector:
     async def adopt_all(self) -> list[asyncio.Task[None]]:
         """Before serving: account for every status file; start the reconnect tasks."""
         ctx = self.ctx
+        runs_dir = ctx.layout.domains_run_dir
+        found, processes = await asyncio.gather(asyncio.to_thread(scan_statuses, runs_dir),
+                                                asyncio.to_thread(qemu_processes))
         accounted: set[int] = set()
-        known_dirs: set[Path] = set()
         tasks: list[asyncio.Task[None]] = []
-        for run_dir, status in scan_statuses(ctx.layout.domains_run_dir):
-            known_dirs.add(run_dir)
-            if status is None:
-                continue  # unreadable: its QEMU, if any, is reported as an orphan below
-            adopted = await self._adopt(run_dir, status, accounted)
+        for item in found:
+            if item.status is None:
+                self._damaged(item, processes, accounted)
+                continue
+            adopted = await self._adopt(item.run_dir, item.status, processes, accounted)
             if adopted is not None:
-                dom, job = adopted
-                task = ctx.spawn(self._reconnect(dom, dom.generation, status, job),
-                                 f"reconnect-{dom.name}")
-                job.task = task
-                tasks.append(task)
-        self._find_orphans(accounted, known_dirs)
+                dom, run, job = adopted
+                tasks.append(ctx.spawn(self._reconnect(dom, run, item.status, job),
+                                       f"reconnect-{dom.name}"))
+        self._find_orphans(processes, accounted, {f.run_dir for f in found})
         return tasks
+
+    @staticmethod
+    def _using(run_dir: Path, processes: list[tuple[int, bytes]]) -> list[int]:
+        needle = str(run_dir).encode() + b"/"
+        return [pid for pid, cmdline in processes if needle in cmdline]
+
+    def _damaged(self, item: FoundStatus, processes: list[tuple[int, bytes]],
+                 accounted: set[int]) -> None:
+        """A status file that cannot be used: report the QEMU it names, never take it for
+        "no QEMU here". Starting the domain is refused while that QEMU lives."""
+        pids = set(self._using(item.run_dir, processes))
+        if our_process(item.pid, item.start_time, item.binary) is not None:
+            assert item.pid is not None
+            pids.add(item.pid)
+        accounted.update(pids)
+        what = f"QEMU pid {', '.join(map(str, sorted(pids)))} is running" if pids else \
+            "no QEMU uses it now"
+        self.ctx.warn(f"status file {item.run_dir / 'status.json'} {item.problem}; {what}: "
+                      f"domain '{item.run_dir.name}' is not managed "
+                      + ("and cannot be started until that QEMU is stopped" if pids else
+                         "(the file is left for inspection)"))
 
     async def _entry_for(self, status: DomainStatus) -> Domain | None:
         """The table entry of the run's domain; a transient one is re-created."""
@@ -89,169 +125,142 @@ class Reconnector:
         async with ctx.table.lock:  # L1: look up, or reserve the transient's slot
             dom = ctx.table.get_uuid(status.uuid)
             if dom is not None:
+                if dom.name == status.name:
+                    return dom
+            elif ctx.table.get_name(status.name) is None:
+                dom = Domain(status.definition, persistent=False)
+                ctx.table.add(dom)
                 return dom
-            if ctx.table.get_name(status.name) is not None:
-                log.error("status of domain %s (uuid %s) conflicts with the definition of "
-                          "that name: not adopted", status.name, status.uuid)
-                return None
-            dom = Domain(status.definition, persistent=False)
-            ctx.table.add(dom)
-            return dom
+        ctx.warn(f"status of domain '{status.name}' (uuid {status.uuid}) conflicts with the "
+                 "definition that uses that name or uuid: its run is not adopted (its QEMU, "
+                 "if alive, keeps running and blocks starts of that domain)")
+        return None
 
     async def _adopt(self, run_dir: Path, status: DomainStatus,
-                     accounted: set[int]) -> tuple[Domain, Job] | None:
+                     processes: list[tuple[int, bytes]],
+                     accounted: set[int]) -> tuple[Domain, Run, Job] | None:
         ctx = self.ctx
         dom = await self._entry_for(status)
         if dom is None:
+            accounted.update(self._using(run_dir, processes))
             return None
-        process = our_process(status)
+        process = our_process(status.pid, status.start_time, status.binary)
         if process is not None:
             accounted.add(process.pid)
-        async with dom.lock:  # L3: restore the run as the status file describes it
-            dom.generation = status.generation
-            dom.live_def = status.definition
-            dom.run_dir = run_dir
-            dom.accel_in_use = status.accel
-            dom.state, dom.reason = status.state, status.reason
-            dom.stop_reason = status.stop_reason
-            dom.saw_shutdown = status.saw_shutdown
-            dom.fake_reboot = status.fake_reboot
-            dom.ports = dict(status.ports)
-            dom.root_ports = status.root_ports
-            dom.pending_detach = set(status.pending_detach)
-            dom.id = status.id
-            if process is None:
-                accounted.update(self._gone(dom, run_dir, status))
-                remove = not dom.persistent
-            else:
-                self.runtime.attach(dom, status.generation, process)
-        if process is None:
-            if remove:
-                async with ctx.table.lock:  # L1: removal last, no domain lock held
-                    ctx.table.remove(dom)
-            return None
-        async with ctx.table.lock:  # L1: index the id it runs under
+        run = Run.from_status(status, run_dir)
+        async with ctx.table.lock:  # L1: the id it runs under, and its directory
             ctx.table.adopt_id(dom, status.id)
+            ctx.table.claim_run_dir(dom)
+        async with dom.lock:  # L3: restore the run as the status file describes it
+            dom.state, dom.reason = status.state, status.reason
+            dom.run = run
+            if process is not None:
+                self.runtime.attach(dom, run, process)
+                if run.follow_ups:
+                    run.follow_up_wake.set()
+        if process is None:
+            reason = end_reason(status.stop_reason, status.saw_shutdown)
+            if not _started(status):
+                # Killed between writing the record and learning the pid, or during the
+                # start: whatever QEMU names this run directory is that half-started run.
+                for pid in self._using(run_dir, processes):
+                    log.warning("domain %s: killing half-started QEMU pid %d", dom.name, pid)
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
+                    accounted.add(pid)
+                reason = Reason.FAILED
+            log.warning("domain %s: QEMU pid %s is gone (%s)", dom.name, status.pid, reason)
+            await self.runtime.end_run(dom, run, reason)
+            return None
         job = await ctx.begin_job(dom, JobKind.MODIFY, "reconnect")
         log.info("domain %s: QEMU pid %d is still running: reconnecting", dom.name,
                  process.pid)
-        return dom, job
+        return dom, run, job
 
-    def _gone(self, dom: Domain, run_dir: Path, status: DomainStatus) -> list[int]:
-        """Under the domain lock: the run's QEMU is not there any more; end the run.
-        Returns the pids of half-started QEMUs it killed."""
-        ctx = self.ctx
-        killed: list[int] = []
-        if status.phase == "starting":
-            # Killed between writing "starting" and learning the pid, or during the start:
-            # whatever QEMU names this run directory is that half-started run.
-            for pid in qemu_pids_mentioning(str(run_dir) + "/"):
-                log.warning("domain %s: killing half-started QEMU pid %d", dom.name, pid)
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-                killed.append(pid)
-            reason = Reason.FAILED
-        else:
-            reason = end_reason(status.stop_reason, status.saw_shutdown)
-        log.warning("domain %s: QEMU pid %s is gone (%s)", dom.name, status.pid, reason)
-        ctx.set_state(dom, DomainState.SHUTOFF, reason,
-                      ("stopped", STOP_DETAIL.get(reason, "shutdown")))
-        dom.id = None
-        dom.live_def = None
-        dom.accel_in_use = None
-        dom.stop_reason = None
-        remove_status(run_dir)
-        with contextlib.suppress(FileNotFoundError):
-            (run_dir / "monitor.sock").unlink()
-        return killed
-
-    def _find_orphans(self, accounted: set[int], known_dirs: set[Path]) -> None:
+    def _find_orphans(self, processes: list[tuple[int, bytes]], accounted: set[int],
+                      known_dirs: set[Path]) -> None:
         ctx = self.ctx
         runs = ctx.layout.domains_run_dir
-        named: set[Path] = set()
-        for pid in qemu_pids_mentioning(str(runs) + "/"):
-            if pid in accounted:
+        prefix = str(runs).encode() + b"/"
+        for pid, cmdline in processes:
+            if pid in accounted or prefix not in cmdline:
                 continue
-            try:
-                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
-            except OSError:
-                continue
-            text = cmdline.decode(errors="replace")
-            run_dir = next((d for d in (runs.iterdir() if runs.is_dir() else [])
-                            if str(d) + "/" in text), None)
-            if run_dir is not None:
-                named.add(run_dir)
-            msg = (f"QEMU pid {pid} uses {run_dir or runs} but no status file accounts for "
-                   "it: not managed, not killed")
+            text = cmdline.replace(b"\0", b" ").decode(errors="replace")
+            start = text.index(str(runs) + "/") + len(str(runs)) + 1
+            name = text[start:].split("/", 1)[0].split(" ", 1)[0]
+            msg = (f"QEMU pid {pid} uses {runs / name} but no status file accounts for it: "
+                   "not managed, not killed")
             log.warning("orphan: %s", msg)
-            ctx.orphans.append({"pid": pid, "run_dir": str(run_dir) if run_dir else None,
-                                "message": msg})
-        # Stale sockets: a run directory with no status and no QEMU using it.
-        if runs.is_dir():
-            for run_dir in runs.iterdir():
-                if run_dir not in known_dirs and run_dir not in named:
-                    with contextlib.suppress(FileNotFoundError):
-                        (run_dir / "monitor.sock").unlink()
+            ctx.orphans.append({"pid": pid, "run_dir": str(runs / name), "message": msg})
 
-    async def _reconnect(self, dom: Domain, generation: int, status: DomainStatus,
-                         job: Job) -> None:
+    async def _reconnect(self, dom: Domain, run: Run, status: DomainStatus, job: Job) -> None:
         """Holding the "reconnect" job: finish, roll back or re-establish the run."""
         ctx = self.ctx
         try:
-            if status.phase == "starting" or status.stop_reason is not None:
+            if not _started(status) or run.stop_reason is not None:
                 async with dom.lock:  # L3
-                    if status.phase == "starting":
-                        dom.stop_reason = Reason.FAILED  # a start cut short: roll it back
-                    ctx.save_status(dom)
+                    if dom.run is not run:
+                        return
+                    if not _started(status):
+                        run.stop_reason = Reason.FAILED  # a start cut short: roll it back
+                    ctx.save_status(dom, run)
                 log.info("domain %s: finishing the interrupted %s", dom.name,
-                         "start (rolled back)" if status.phase == "starting" else "stop")
-                await self.runtime.kill(dom, generation)
+                         "start (rolled back)" if not _started(status) else "stop")
+                await self.runtime.kill(dom, run)
                 return
-            if not await self._establish(dom, generation):
-                ctx.spawn(self._keep_trying(dom, generation), f"monitor-retry-{dom.name}")
+            if status.async_job is not None:
+                log.warning("domain %s: async job '%s' (phase %s) of the previous daemon is "
+                            "not known here: the run is kept as it is", dom.name,
+                            status.async_job.kind, status.async_job.phase)
+            if not await self._establish(dom, run):
+                ctx.spawn(self._keep_trying(dom, run), f"monitor-retry-{dom.name}", run)
         except QvirtError as exc:
             log.error("domain %s: reconnect failed: %s", dom.name, exc)
         finally:
             await ctx.end_job(dom, job)
 
-    async def _establish(self, dom: Domain, generation: int) -> bool:
-        """Connect the monitor and resync; False if QEMU does not answer (it may be hung)."""
+    async def _establish(self, dom: Domain, run: Run) -> bool:
+        """Connect the monitor and console and resync; False if QEMU does not answer."""
         ctx = self.ctx
         async with dom.lock:  # L3
-            if not dom.is_current(generation):
+            if dom.run is not run:
                 return True
-            monitor = self.runtime.new_monitor(dom, generation)
-            socket_path = dom.run_dir / "monitor.sock" if dom.run_dir else None
-        assert socket_path is not None
+            monitor = self.runtime.new_monitor(dom, run)
         try:
-            await monitor.connect(socket_path, ctx.settings.monitor_connect_timeout_s)
-            qemu_status = await ctx.qmp(dom, generation, "query-status", what="reconnect")
+            await monitor.connect(run.monitor_socket, ctx.settings.monitor_connect_timeout_s)
+            qemu_status = await ctx.qmp(dom, run, "query-status", what="reconnect")
         except QvirtError as exc:
             log.error("domain %s: cannot reconnect to QEMU: %s", dom.name, exc)
             return False
+        try:
+            await self.runtime.connect_console(dom, run)
+        except (QvirtError, OSError, TimeoutError) as exc:
+            log.warning("domain %s: console not reconnected (its log misses output until "
+                        "the next restart): %s", dom.name, exc)
         async with dom.lock:  # L5
-            ctx.ensure_current(dom, generation, "reconnect")
-            follow_up = qmp_events.resync(ctx, dom, str(qemu_status.get("status")))
-            ctx.save_status(dom)
+            ctx.ensure_current(dom, run, "reconnect")
+            follow_up = qmp_events.resync(ctx, dom, run, str(qemu_status.get("status")))
+            if follow_up is not None:
+                self.runtime.follow_up(dom, run, follow_up)
+            ctx.save_status(dom, run)
         try:  # the JSON config against QEMU's own view of its devices
-            await reconcile(ctx, dom, generation)
+            await reconcile(ctx, dom, run)
         except QvirtError as exc:
             log.error("domain %s: comparing devices with QEMU failed: %s", dom.name, exc)
-        if follow_up is not None:
-            self.runtime.run_follow_up(dom, generation, follow_up)
         log.info("domain %s: reconnected (%s)", dom.name, qemu_status.get("status"))
         return True
 
-    async def _keep_trying(self, dom: Domain, generation: int) -> None:
-        """A QEMU that did not answer at reconnect: try again now and then while it lives."""
+    async def _keep_trying(self, dom: Domain, run: Run) -> None:
+        """A QEMU that did not answer at reconnect: try again now and then while it lives
+        (the task belongs to the run, so it ends with it)."""
         while True:
             await asyncio.sleep(MONITOR_RETRY_S)
-            async with dom.lock:  # L3
-                if not dom.is_current(generation):
-                    return
             try:
                 async with self.ctx.job(dom, JobKind.MODIFY, "reconnect (retry)"):
-                    if await self._establish(dom, generation):
+                    async with dom.lock:  # L5
+                        if dom.run is not run:
+                            return
+                    if await self._establish(dom, run):
                         return
             except QvirtError as exc:
                 log.warning("domain %s: reconnect retry: %s", dom.name, exc)

@@ -1,13 +1,15 @@
-"""The life of one QEMU run: launch, watch, react to QMP events, clean up when it ends.
+"""The life of one QEMU run: launch, watch, react to QMP events, follow up, tear down.
 
 Who notices what:
 * the process watcher (pidfd) is the authority on "QEMU is gone": it lets the monitor read
-  QEMU's last events, drains the event pump, then marks the domain shut off under the domain
-  lock only. It takes no job, so it can never be blocked by a stuck job: a job holder that was
-  waiting on QEMU notices at its next re-check (L5) and fails cleanly.
-* the event pump applies QMP events to the domain's state under the domain lock, queues our
-  events there, and hands anything that needs the monitor (fake reboot, on_poweroff, on_crash)
-  to a new task that takes a job: an event handler never talks to QEMU itself.
+  QEMU's last events, drains the event pump, then ends the run (`end_run`, the one teardown)
+  under the domain lock only. It takes no job, so it can never be blocked by a stuck job: a
+  job holder that was waiting on QEMU notices at its next re-check (L5) and fails cleanly.
+* the event pump applies QMP events to the domain's state under the domain lock and queues
+  our events there. Anything that needs the monitor or the process (reset-and-continue, a
+  kill, finishing a detach) is recorded on the run as a follow-up (in the status file too)
+  and done by the run's follow-up runner under a job, retried until done or the run ends:
+  an event handler never talks to QEMU itself, and nothing it asks for is dropped.
 """
 
 from __future__ import annotations
@@ -23,37 +25,47 @@ from pathlib import Path
 from typing import Any
 
 from ..domain import Domain
-from ..errors import InvalidOperationError, NoDomainError, QvirtError
-from ..job import JobKind
-from ..model import DomainDef, DomainState, LifecycleAction, Reason
+from ..errors import (
+    DomainBusyError,
+    DomainGoneError,
+    InvalidOperationError,
+    NoDomainError,
+    QvirtError,
+)
+from ..job import AsyncJob, AsyncJobKind, JobKind
+from ..model import DomainState, LifecycleAction, Reason
 from ..qemu.accel import cpu_model, resolve_accel
 from ..qemu.argv import LaunchPaths, build_argv, port_plan, root_port_id, total_ports
+from ..qemu.console import ConsoleLog
 from ..qemu.monitor import Monitor
-from ..qemu.process import QemuProcess, describe_status
+from ..qemu.process import QemuProcess, describe_status, find_qemus, uuid_needle
 from ..qemu.unixpath import short_path
-from ..status import remove_status
+from ..run import CONSOLE_LOG, FollowUp, FollowUpKind, QmpQueue, Run
+from ..status import status_path
 from . import qmp_events
 from .context import Context
 from .devices import finish_detach
-from .qmp_events import FollowUpKind
 
 log = logging.getLogger(__name__)
 
 _BARRIER = "__qvirtd_barrier__"
-
-# One run's QMP events on their way to the pump: (name, data, QEMU's timestamp).
-QmpQueue = asyncio.Queue[tuple[str, dict[str, Any], float | None]]
+# How long a teardown waits for its file removals (a sick disk must not hold a run's end).
+TEARDOWN_FILES_S = 5.0
+# A destroy waits this long for its "destroyed" record; then it kills QEMU regardless.
+DESTROY_RECORD_S = 2.0
+FOLLOW_UP_RETRY_S = (0.5, 30.0)  # first and longest delay between tries of a follow-up
 
 
 def _log_tail(path: Path, offset: int, limit: int = 2000) -> str:
+    """Blocking, bounded: the last `limit` bytes QEMU wrote to its log after `offset`."""
     try:
         with open(path, "rb") as f:
-            f.seek(offset)
-            data = f.read()
+            size = os.fstat(f.fileno()).st_size
+            f.seek(max(offset, size - limit))
+            data = f.read(limit)
     except OSError:
         return ""
-    text = data.decode(errors="replace").strip()
-    return text[-limit:]
+    return data.decode(errors="replace").strip()
 
 
 STOP_DETAIL = {
@@ -73,6 +85,22 @@ def end_reason(stop_reason: Reason | None, saw_shutdown: bool) -> Reason:
     return Reason.SHUTDOWN if saw_shutdown else Reason.CRASHED
 
 
+def _listener(path: Path) -> socket.socket:
+    """A listening socket for QEMU to serve (monitor, console): bound by us, passed as an fd,
+    so there is no connect race and the path stays for later reconnects."""
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        with short_path(path) as where:
+            sock.bind(where)
+        sock.listen(8)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
 class Runtime:
     """Launching and watching QEMU runs; reacting to what QEMU says."""
 
@@ -82,89 +110,92 @@ class Runtime:
     # --- launch --------------------------------------------------------------------------
 
     async def start(self, dom: Domain, paused: bool, owner: str) -> None:
-        """Start a new run of `dom` under an async job (queries and destroy may go on)."""
-        ctx = self.ctx
-        async with ctx.job(dom, JobKind.ASYNC, owner):
-            async with dom.lock:  # L3
-                if dom.active:
-                    raise InvalidOperationError(f"domain '{dom.name}' is already running")
-                if dom.persistent_def is None:
-                    raise NoDomainError(f"domain '{dom.name}' is no longer defined")
-                definition = dom.persistent_def
-                dom.generation += 1
-                generation = dom.generation
-                dom.starting = True
-            try:
-                await self.launch(dom, generation, definition, paused)
-            finally:
-                async with dom.lock:  # L3
-                    dom.starting = False
+        """Start a new run of `dom` under the START async job (queries, destroy and
+        domjobabort may go on beside it)."""
+        async with self.ctx.async_job(dom, AsyncJobKind.START, owner) as job:
+            await self.launch(dom, job, paused)
 
-    async def launch(self, dom: Domain, generation: int, definition: DomainDef,
-                     paused: bool) -> None:
-        """Start QEMU for `dom` (caller holds the async job) and bring it to running/paused."""
+    async def enter_phase(self, dom: Domain, run: Run, job: AsyncJob, phase: str) -> None:
+        """Record the async job's new phase in the status file (rule L3), then give the
+        test hook `test_phase_delay_s` its pause (zero outside tests)."""
+        async with dom.lock:  # L3
+            self.ctx.ensure_current(dom, run, str(job.kind))
+            job.set_phase(phase)
+            self.ctx.save_status(dom, run)
+        delay = self.ctx.settings.test_phase_delay_s
+        if delay > 0:
+            await asyncio.sleep(delay)
+
+    async def check_no_qemu(self, dom: Domain, run_dir: Path) -> None:
+        """The process table is the authority: refuse to start a domain when a QEMU with its
+        uuid, or one using its run directory, is alive (a run we lost track of, a damaged
+        status file, another daemon)."""
+        found = await find_qemus([uuid_needle(dom.uuid), str(run_dir).encode() + b"/"])
+        if found:
+            pids = ", ".join(str(pid) for pid, _ in found)
+            raise DomainBusyError(
+                f"domain '{dom.name}' cannot start: QEMU pid {pids} is already running for it "
+                f"(its uuid {dom.uuid} or {run_dir} is in that command line) but this daemon "
+                "does not manage it; stop that process first (see daemon-warnings)")
+
+    async def launch(self, dom: Domain, job: AsyncJob, paused: bool) -> None:
+        """Start QEMU for `dom` (caller holds the START job) and bring it to running or
+        paused. Whatever fails, nothing is left behind: no QEMU, no id, no status file."""
         ctx = self.ctx
         settings = ctx.settings
+        async with dom.lock:  # L3
+            if dom.active:
+                raise InvalidOperationError(f"domain '{dom.name}' is already running")
+            if dom.persistent_def is None:
+                raise NoDomainError(f"domain '{dom.name}' is no longer defined")
+            definition = dom.persistent_def
+        run_dir = ctx.layout.domain_run_dir(dom.name)
+        await self.check_no_qemu(dom, run_dir)
         accel = resolve_accel(definition.accel)
         cpu = await cpu_model(accel, settings.qemu_binary)
-        async with ctx.table.lock:  # L1: index the new id, nothing else
+        async with ctx.table.lock:  # L1: the run's directory and id, nothing else
+            ctx.table.claim_run_dir(dom)
             dom_id = ctx.table.assign_id(dom)
-        run_dir = ctx.layout.domain_run_dir(dom.name)
-        run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        os.chmod(run_dir, 0o700)
-        paths = LaunchPaths(run_dir, run_dir / "monitor.sock", run_dir / "console.log")
+        run = Run(definition, run_dir, dom_id, accel)
+        run.starting = True
+        run.ports = {dev: root_port_id(i) for dev, i in port_plan(definition).items()}
+        run.root_ports = total_ports(definition)
         log_path = ctx.layout.domain_log(dom.name)
-        log_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        with contextlib.suppress(FileNotFoundError):
-            paths.monitor_socket.unlink()
-        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        log_offset = 0
+        published = False
+        listeners: list[socket.socket] = []
         try:
-            with short_path(paths.monitor_socket) as where:
-                listener.bind(where)
-            listener.listen(8)
-            argv = build_argv(definition, accel, settings.qemu_binary, listener.fileno(), paths,
-                              cpu)
-            with open(log_path, "ab") as logf:
-                stamp = time.strftime("%Y-%m-%d %H:%M:%S")
-                logf.write(f"{stamp} starting domain {dom.name}: {argv!r}\n".encode())
-                log_offset = logf.tell()
-            async with dom.lock:  # L3: publish the new run atomically (spawn is not awaited)
-                dom.id = dom_id
-                dom.live_def = definition
-                dom.run_dir = run_dir
-                dom.accel_in_use = accel
-                dom.stop_reason = None
-                dom.saw_shutdown = False
-                dom.fake_reboot = False
-                dom.ports = {dev: root_port_id(i) for dev, i in port_plan(definition).items()}
-                dom.root_ports = total_ports(definition)
-                dom.pending_detach = set()
-                # Recorded before QEMU exists: a daemon killed between here and the next
-                # status write still knows a start was under way in this run directory.
-                ctx.save_status(dom)
-                try:
-                    process = QemuProcess.spawn(argv, [listener.fileno()], log_path, run_dir)
-                except QvirtError:
-                    dom.id = None
-                    dom.live_def = None
-                    remove_status(run_dir)
-                    raise
-                monitor = self.attach(dom, generation, process)
+            run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            os.chmod(run_dir, 0o700)
+            # The console log is the current (or last) run's, as QEMU's own file would be.
+            for old in (run.console_log, run.console_log.with_name(CONSOLE_LOG + ".1")):
+                ctx.writer.remove(old, durable=False)
+            async with dom.lock:  # L3: publish the run; the record goes out before QEMU exists
+                ctx.ensure_in_table(dom)
+                dom.run = run
+                published = True
+                job.set_phase("prepare")
                 ctx.set_state(dom, DomainState.PAUSED, Reason.STARTING_UP)
-        except BaseException:
-            async with ctx.table.lock:  # L1: the id was never used
-                ctx.table.release_id(dom, dom_id)
-            raise
-        finally:
-            listener.close()
-        log.info("domain %s: QEMU pid %d started (accel %s)", dom.name, process.pid, accel)
-        try:
-            await monitor.connect(paths.monitor_socket, settings.monitor_connect_timeout_s)
+            # A daemon killed from here on finds this record and rolls the start back.
+            await ctx.status_barrier(run)
+            listeners = [_listener(run.monitor_socket), _listener(run.console_socket)]
+            argv = build_argv(definition, accel, settings.qemu_binary, listeners[0].fileno(),
+                              LaunchPaths(run_dir), cpu, listeners[1].fileno())
+            log_offset = await asyncio.to_thread(self._log_start, log_path, dom.name, argv)
+            await self.enter_phase(dom, run, job, "spawn")
+            process = await QemuProcess.spawn(argv, [s.fileno() for s in listeners], log_path,
+                                              run_dir)
+            async with dom.lock:  # L3: the run has a process now (the status records its pid)
+                self.attach(dom, run, process)
+            log.info("domain %s: QEMU pid %d started (accel %s)", dom.name, process.pid, accel)
+            await self.enter_phase(dom, run, job, "connect")
+            await job.abortable(self.connect(dom, run))
             if not paused:
-                await ctx.qmp(dom, generation, "cont", what="start")
+                await self.enter_phase(dom, run, job, "resume")
+                await job.abortable(ctx.qmp(dom, run, "cont", what="start"))
             async with dom.lock:  # L5: still our run?
-                ctx.ensure_current(dom, generation, "start")
-                dom.starting = False  # the status written next says "running"
+                ctx.ensure_current(dom, run, "start")
+                run.starting = False
                 if paused:
                     ctx.set_state(dom, DomainState.PAUSED, Reason.USER)
                     ctx.emit(dom, "lifecycle", "started", "booted")
@@ -172,119 +203,160 @@ class Runtime:
                 else:
                     ctx.set_state(dom, DomainState.RUNNING, Reason.BOOTED)
                     ctx.emit(dom, "lifecycle", "started", "booted")
+                ctx.save_status(dom, run, with_job=False)
+            # Barrier: "started" only once the disk says so too. Until then a restarted
+            # daemon would roll the start back, and a status that cannot be written (full
+            # disk, no fds) fails the start here, QEMU included, rather than leave a guest
+            # the next daemon would kill.
+            await ctx.status_barrier(run)
         except BaseException as exc:
-            async with dom.lock:  # L3
-                if dom.is_current(generation) and dom.stop_reason is None:
-                    dom.stop_reason = Reason.FAILED
-                    ctx.save_status(dom)
-            await self.kill(dom, generation)
-            said = _log_tail(log_path, log_offset)
-            if isinstance(exc, QvirtError | OSError):
+            await asyncio.shield(self._roll_back(dom, run, published, dom_id))
+            if isinstance(exc, QvirtError | OSError) and not isinstance(exc, DomainBusyError):
+                said = await asyncio.to_thread(_log_tail, log_path, log_offset)
                 msg = f"domain '{dom.name}' failed to start: {exc}"
                 if said:
                     msg += f"; QEMU said: {said}"
-                raise QvirtError(msg) from exc
+                err = QvirtError(msg)
+                err.kind = getattr(exc, "kind", QvirtError.kind)
+                raise err from exc
             raise
+        finally:
+            for sock in listeners:
+                sock.close()
 
-    def attach(self, dom: Domain, generation: int, process: QemuProcess) -> Monitor:
-        """Under the domain lock: make `process` the domain's run, with a (not yet connected)
-        monitor, its event pump and its exit watcher. Used by launch and by reconnect."""
+    @staticmethod
+    def _log_start(log_path: Path, name: str, argv: list[str]) -> int:
+        """Blocking (worker thread): note the command line in the domain's QEMU log."""
+        log_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        with open(log_path, "ab") as logf:
+            stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+            logf.write(f"{stamp} starting domain {name}: {argv!r}\n".encode())
+            return logf.tell()
+
+    async def _roll_back(self, dom: Domain, run: Run, published: bool, dom_id: int) -> None:
+        """A start failed or was aborted: end its run, killing its QEMU if there is one."""
+        if not published:
+            async with self.ctx.table.lock:  # L1: the id and directory were never used
+                self.ctx.table.release_id(dom, dom_id)
+                self.ctx.table.release_run_dir(dom)
+            return
+        async with dom.lock:  # L3
+            if dom.run is run and run.stop_reason is None:
+                run.stop_reason = Reason.FAILED
+                self.ctx.save_status(dom, run)
+        if run.process is None:  # never spawned: nothing to kill
+            await self.end_run(dom, run, run.stop_reason or Reason.FAILED)
+        else:
+            await self.kill(dom, run)
+
+    async def connect(self, dom: Domain, run: Run) -> None:
+        """Connect the run's monitor and its console (each bounded, neither blocks)."""
+        settings = self.ctx.settings
+        async with dom.lock:  # L3
+            self.ctx.ensure_current(dom, run, "connect")
+            monitor = run.monitor
+        assert monitor is not None
+        await monitor.connect(run.monitor_socket, settings.monitor_connect_timeout_s)
+        await self.connect_console(dom, run)
+
+    async def connect_console(self, dom: Domain, run: Run) -> None:
+        console = ConsoleLog(dom.name, run.console_socket, run.console_log, self.ctx.writer,
+                             self.ctx.settings.console_log_max_bytes)
+        await console.connect(self.ctx.settings.monitor_connect_timeout_s)
+        async with dom.lock:  # L5
+            current = dom.run is run
+            if current:
+                old, run.console = run.console, console
+        if not current:
+            console.close()
+            raise DomainGoneError(f"domain '{dom.name}' stopped while its console was "
+                                  "being connected")
+        if old is not None:
+            old.close()
+
+    def attach(self, dom: Domain, run: Run, process: QemuProcess) -> None:
+        """Under the domain lock: `process` is the run's QEMU; give it a (not yet connected)
+        monitor, its event pump, its exit watcher and its follow-up runner. Used by launch
+        and by reconnect."""
+        dom.assert_locked()
         ctx = self.ctx
-        queue: QmpQueue = asyncio.Queue()
-        dom.process = process
-        dom.run_ended = asyncio.Event()
-        dom.qmp_queue = queue
-        monitor = self.new_monitor(dom, generation)
-        dom.event_pump = ctx.spawn(self._pump(dom, generation, queue), f"qmp-events-{dom.name}")
-        ctx.spawn(self._watch_process(dom, generation, process, queue),
-                  f"watch-{dom.name}")
-        return monitor
+        run.process = process
+        run.spawned.set()
+        self.new_monitor(dom, run)
+        ctx.spawn(self._pump(dom, run), f"qmp-events-{dom.name}", run)
+        ctx.spawn(self._watch_process(dom, run, process), f"watch-{dom.name}", run)
+        ctx.spawn(self._follow_ups(dom, run), f"follow-ups-{dom.name}", run)
+        if dom.run is run:
+            ctx.save_status(dom, run)
 
-    def new_monitor(self, dom: Domain, generation: int) -> Monitor:
+    def new_monitor(self, dom: Domain, run: Run) -> Monitor:
         """Under the domain lock: a fresh monitor for the run, feeding its event pump."""
-        assert dom.qmp_queue is not None
-        dom.monitor = Monitor(dom.name, partial(self._queue_qmp_event, dom.qmp_queue),
-                              partial(self._monitor_lost, dom, generation),
+        run.monitor = Monitor(dom.name, partial(self._queue_qmp_event, run.qmp_queue),
+                              partial(self._monitor_lost, dom, run),
                               self.ctx.settings.monitor_timeout_s)
-        return dom.monitor
+        return run.monitor
 
     # --- stopping ------------------------------------------------------------------------
 
-    async def kill(self, dom: Domain, generation: int) -> None:
-        """Terminate the run's QEMU (no lock held, L4) and wait until it is cleaned up."""
+    async def kill(self, dom: Domain, run: Run) -> None:
+        """Terminate the run's QEMU (no lock held, L4) and wait until the run is torn down."""
         settings = self.ctx.settings
-        async with dom.lock:  # L3
-            if not dom.is_current(generation):
-                return
-            process = dom.process
-            ended = dom.run_ended
-        assert process is not None
-        await process.terminate(settings.destroy_grace_s, settings.process_exit_timeout_s)
-        try:
-            await asyncio.wait_for(ended.wait(), settings.process_exit_timeout_s)
-        except TimeoutError:
-            log.error("domain %s: QEMU exited but the run was not cleaned up in time", dom.name)
+        if run.ended.is_set():
+            return
+        if not run.spawned.is_set():  # a start is spawning it right now: wait (bounded)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(settings.process_exit_timeout_s):
+                    await run.spawned.wait()
+        process = run.process
+        if process is not None:
+            await process.terminate(settings.destroy_grace_s, settings.process_exit_timeout_s)
+        if not await self.ctx.wait_ended(run, settings.process_exit_timeout_s):
+            log.error("domain %s: the run was not torn down in time after its QEMU was "
+                      "stopped", dom.name)
 
-    async def _watch_process(self, dom: Domain, generation: int, process: QemuProcess,
-                             queue: QmpQueue) -> None:
-        """Wait for QEMU to exit, let its last events be handled, then shut the domain off."""
+    async def _watch_process(self, dom: Domain, run: Run, process: QemuProcess) -> None:
+        """Wait for QEMU to exit, let its last events be handled, then end the run."""
         status = await process.exited
         log.info("domain %s: QEMU pid %d %s", dom.name, process.pid, describe_status(status))
         # QEMU's SHUTDOWN event may still sit unread in the monitor socket: read it first.
-        async with dom.lock:  # L3
-            monitor = dom.monitor if dom.is_current(generation) else None
+        monitor = run.monitor
         if monitor is not None:
             await monitor.wait_lost(1.0)
         barrier: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        queue.put_nowait((_BARRIER, {"future": barrier}, None))
+        run.qmp_queue.put_nowait((_BARRIER, {"future": barrier}, None))
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(asyncio.shield(barrier), 1.0)
-        await self.stopped(dom, generation)
+        await self.end_run(dom, run)
 
-    async def stopped(self, dom: Domain, generation: int) -> None:
-        """QEMU of run `generation` is gone: shut the domain off and clean up (idempotent)."""
+    async def end_run(self, dom: Domain, run: Run, reason: Reason | None = None) -> None:
+        """The one teardown of a run whose QEMU is gone (or never existed): the domain shuts
+        off with its event, the run's files go, its tasks and handles close, its id and
+        directory are released, and a transient domain leaves the table; then `run.ended` is
+        set. Idempotent (a second call returns at once; wait for `run.ended`)."""
         ctx = self.ctx
         async with dom.lock:  # L3: state only; nothing awaited
-            if not dom.is_current(generation):
+            if dom.run is not run:
                 return
-            reason = end_reason(dom.stop_reason, dom.saw_shutdown)
-            old_id = dom.id
-            monitor, pump, process = dom.monitor, dom.event_pump, dom.process
+            reason = reason or end_reason(run.stop_reason, run.saw_shutdown)
             restart = (reason is Reason.CRASHED and dom.persistent
-                       and dom.definition.on_crash is LifecycleAction.RESTART)
+                       and run.definition.on_crash is LifecycleAction.RESTART)
             ctx.set_state(dom, DomainState.SHUTOFF, reason,
                           ("stopped", STOP_DETAIL.get(reason, "shutdown")))
-            dom.process = None
-            dom.monitor = None
-            dom.event_pump = None
-            dom.id = None
-            dom.live_def = None
-            dom.accel_in_use = None
-            dom.fake_reboot = False
-            if dom.run_dir is not None:
-                remove_status(dom.run_dir)
-                with contextlib.suppress(FileNotFoundError):
-                    (dom.run_dir / "monitor.sock").unlink()
-            dom.qmp_queue = None
-            # Wake every detach waiting for the guest: it re-checks the run (L5) and fails.
-            for waiter in dom.device_waiters.values():
-                if not waiter.done():
-                    waiter.set_result(None)
-            dom.device_waiters.clear()
-            dom.pending_detach.clear()
-            dom.run_ended.set()
-        if process is not None:
-            process.close()
-        if pump is not None and pump is not asyncio.current_task():
-            pump.cancel()
-        if monitor is not None:
-            await monitor.close()
+            dom.run = None
+            run.spawned.set()
+            removals = [ctx.writer.remove(path, durable=False) for path in (
+                status_path(run.run_dir), run.monitor_socket, run.console_socket,
+                LaunchPaths(run.run_dir).pidfile)]
+        await run.close()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(TEARDOWN_FILES_S):
+                await asyncio.gather(*removals, return_exceptions=True)
         async with ctx.table.lock:  # L1: only at the very end (seed 003)
-            if old_id is not None:
-                ctx.table.release_id(dom, old_id)
-            # No await between the check and the removal: nothing can redefine it meanwhile.
+            ctx.table.release_id(dom, run.id)
+            ctx.table.release_run_dir(dom)
             if dom.persistent_def is None and not dom.active:
                 ctx.table.remove(dom)
+        run.ended.set()  # only now: whoever waited for the end finds it complete
         if restart:
             log.warning("domain %s: QEMU crashed; on_crash is restart: starting it again",
                         dom.name)
@@ -296,23 +368,20 @@ class Runtime:
         except QvirtError as exc:
             log.error("domain %s: restart after crash failed: %s", dom.name, exc)
 
-    def _monitor_lost(self, dom: Domain, generation: int) -> None:
+    def _monitor_lost(self, dom: Domain, run: Run) -> None:
         """Monitor EOF. Normally QEMU is exiting; if it lingers without a monitor, kill it."""
-        self.ctx.spawn(self._reap_lingering(dom, generation), f"monitor-lost-{dom.name}")
+        self.ctx.spawn(self._reap_lingering(dom, run), f"monitor-lost-{dom.name}", run)
 
-    async def _reap_lingering(self, dom: Domain, generation: int) -> None:
-        async with dom.lock:  # L3
-            if not dom.is_current(generation) or dom.process is None:
-                return
-            process = dom.process
-        if await process.wait(self.ctx.settings.destroy_grace_s + 2.0):
+    async def _reap_lingering(self, dom: Domain, run: Run) -> None:
+        process = run.process
+        if process is None or await process.wait(self.ctx.settings.destroy_grace_s + 2.0):
             return
         log.warning("domain %s: QEMU closed its monitor but did not exit: killing it", dom.name)
         async with dom.lock:  # L3
-            if not dom.is_current(generation):
+            if dom.run is not run:
                 return
             self.ctx.emit(dom, "control-error", data={"error": "QEMU closed its monitor"})
-        await self.kill(dom, generation)
+        await self.kill(dom, run)
 
     # --- QMP events ----------------------------------------------------------------------
 
@@ -321,69 +390,94 @@ class Runtime:
                          qemu_time: float | None) -> None:
         queue.put_nowait((name, data, qemu_time))
 
-    async def _pump(self, dom: Domain, generation: int, queue: QmpQueue) -> None:
+    async def _pump(self, dom: Domain, run: Run) -> None:
         """Apply this run's QMP events in order, one at a time."""
         while True:
-            name, data, qemu_time = await queue.get()
+            name, data, qemu_time = await run.qmp_queue.get()
             if name == _BARRIER:
                 data["future"].set_result(None)
                 continue
             try:
-                await self._on_qmp_event(dom, generation, name, data, qemu_time)
+                await self._on_qmp_event(dom, run, name, data, qemu_time)
             except Exception:
                 log.exception("domain %s: handling QMP event %s failed", dom.name, name)
 
-    async def _on_qmp_event(self, dom: Domain, generation: int, name: str,
+    async def _on_qmp_event(self, dom: Domain, run: Run, name: str,
                             data: dict[str, Any], qemu_time: float | None) -> None:
         ctx = self.ctx
-        async with dom.lock:  # L3: state and events only; monitor work goes to a job task
-            if not dom.is_current(generation):
+        async with dom.lock:  # L3: state and events only; QEMU work goes to a follow-up
+            if dom.run is not run:
                 return
             log.debug("domain %s: QMP event %s %s", dom.name, name, data)
             with ctx.events_from_qemu(qemu_time):
-                follow_up = qmp_events.apply(ctx, dom, name, data)
+                follow_up = qmp_events.apply(ctx, dom, run, name, data)
             if follow_up is not None:
-                ctx.save_status(dom)  # a stop_reason or pending action to survive a restart
-        if follow_up is None:
-            return
-        self.run_follow_up(dom, generation, follow_up)
+                self.follow_up(dom, run, follow_up)
 
-    def run_follow_up(self, dom: Domain, generation: int, follow_up: qmp_events.FollowUp) -> None:
-        """Start the task that does what an event (or a resync) asked for, under a job."""
+    def follow_up(self, dom: Domain, run: Run, follow_up: FollowUp) -> None:
+        """Under the domain lock: record `follow_up` (status file) for the runner to do."""
+        dom.assert_locked()
+        run.add_follow_up(follow_up)
+        self.ctx.save_status(dom, run)
+
+    # --- follow-ups: durable, retried until done or the run ends -------------------------
+
+    async def _follow_ups(self, dom: Domain, run: Run) -> None:
+        """The run's follow-up runner: does the recorded follow-ups in order. One that fails
+        (a job held too long, QEMU busy) is tried again later, never dropped."""
+        delay = FOLLOW_UP_RETRY_S[0]
+        while True:
+            await run.follow_up_wake.wait()
+            run.follow_up_wake.clear()
+            while True:
+                async with dom.lock:  # L3
+                    if dom.run is not run or not run.follow_ups:
+                        break
+                    follow_up = run.follow_ups[0]
+                try:
+                    await self._do(dom, run, follow_up)
+                except DomainGoneError:
+                    return
+                except QvirtError as exc:
+                    log.warning("domain %s: %s (%s) failed, trying again in %.1f s: %s",
+                                dom.name, follow_up.kind, follow_up.why, delay, exc)
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, FOLLOW_UP_RETRY_S[1])
+                    continue
+                delay = FOLLOW_UP_RETRY_S[0]
+                async with dom.lock:  # L3: done: off the list (and out of the status file)
+                    if dom.run is not run:
+                        return
+                    with contextlib.suppress(ValueError):
+                        run.follow_ups.remove(follow_up)
+                    self.ctx.save_status(dom, run)
+
+    async def _do(self, dom: Domain, run: Run, follow_up: FollowUp) -> None:
         ctx = self.ctx
         if follow_up.kind is FollowUpKind.KILL:
-            ctx.spawn(self.kill(dom, generation), f"{follow_up.why}-{dom.name}")
-        elif follow_up.kind is FollowUpKind.FINISH_DETACH:
-            assert follow_up.device is not None
-            ctx.spawn(self._finish_detach(dom, generation, follow_up.device),
-                      f"{follow_up.why}-{dom.name}")
-        else:
-            ctx.spawn(self._restart_in_place(dom, generation, follow_up.why),
-                      f"{follow_up.why}-{dom.name}")
+            await self.kill(dom, run)
+            raise DomainGoneError(f"domain '{dom.name}' stopped")
+        owner = follow_up.why if follow_up.device is None else \
+            f"detach {follow_up.device} (released)"
+        async with ctx.job(dom, JobKind.MODIFY, owner):
+            if follow_up.kind is FollowUpKind.FINISH_DETACH:
+                assert follow_up.device is not None
+                if not await finish_detach(ctx, dom, run, follow_up.device):
+                    log.warning("domain %s: QEMU still has %s after DEVICE_DELETED; the next "
+                                "event or detach finishes it", dom.name, follow_up.device)
+                return
+            await self._reset_continue(dom, run, follow_up.why)
 
-    async def _finish_detach(self, dom: Domain, generation: int, device_id: str) -> None:
-        """The guest released a device after its detach stopped waiting: take the slow lock
-        and finish the removal (backends, then the JSON entry)."""
-        try:
-            async with self.ctx.job(dom, JobKind.MODIFY, f"detach {device_id} (released)"):
-                await finish_detach(self.ctx, dom, generation, device_id)
-        except QvirtError as exc:
-            log.warning("domain %s: finishing the removal of %s: %s", dom.name, device_id, exc)
-
-    async def _restart_in_place(self, dom: Domain, generation: int, why: str) -> None:
-        """Reset and continue in the same QEMU (libvirt's fake reboot), as a job."""
+    async def _reset_continue(self, dom: Domain, run: Run, why: str) -> None:
+        """Reset and continue in the same QEMU (libvirt's fake reboot); caller holds a job."""
         ctx = self.ctx
-        try:
-            async with ctx.job(dom, JobKind.MODIFY, why):
-                async with dom.lock:  # L5
-                    ctx.ensure_current(dom, generation, why)
-                    dom.fake_reboot = False
-                await ctx.qmp(dom, generation, "system_reset", what=why)
-                await ctx.qmp(dom, generation, "cont", what=why)
-                async with dom.lock:  # L5
-                    ctx.ensure_current(dom, generation, why)
-                    # As libvirt's fake reboot: running again, announced as resumed/unpaused.
-                    ctx.set_state(dom, DomainState.RUNNING, Reason.BOOTED,
-                                  ("resumed", "unpaused"))
-        except QvirtError as exc:
-            log.warning("domain %s: %s failed: %s", dom.name, why, exc)
+        async with dom.lock:  # L5
+            ctx.ensure_current(dom, run, why)
+            run.fake_reboot = False
+            ctx.save_status(dom, run)
+        await ctx.qmp(dom, run, "system_reset", what=why)
+        await ctx.qmp(dom, run, "cont", what=why)
+        async with dom.lock:  # L5
+            ctx.ensure_current(dom, run, why)
+            # As libvirt's fake reboot: running again, announced as resumed/unpaused.
+            ctx.set_state(dom, DomainState.RUNNING, Reason.BOOTED, ("resumed", "unpaused"))

@@ -132,17 +132,24 @@ def nic_device(nic: NicDef, domain_uuid: str, bus: str) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class LaunchPaths:
-    """Files of one run of a domain (in its runtime directory)."""
+    """Files of one run of a domain (in its runtime directory). The pid file also puts the
+    run directory into QEMU's command line, which is how a QEMU whose status file is missing
+    or unreadable is still recognised (and QEMU's lock on it refuses a second QEMU there)."""
 
     run_dir: Path
-    monitor_socket: Path
-    console_log: Path
+
+    @property
+    def pidfile(self) -> Path:
+        return self.run_dir / "qemu.pid"
 
 
 def build_argv(definition: DomainDef, accel: str, qemu_binary: str, monitor_fd: int,
-               paths: LaunchPaths, cpu: str | None = None) -> list[str]:
-    """The full command line for `definition`, started paused (-S) with its monitor on an fd.
-    `cpu` is the `-cpu` model (qemu/accel.py picks it; None: QEMU's default)."""
+               paths: LaunchPaths, cpu: str | None = None,
+               console_fd: int | None = None) -> list[str]:
+    """The full command line for `definition`, started paused (-S), its monitor and serial
+    console served by QEMU on listening sockets passed as fds (the daemon connects to both).
+    `cpu` is the `-cpu` model (qemu/accel.py picks it; None: QEMU's default); without
+    `console_fd` the serial port has no backend (benchmarks)."""
     d = definition
     uuid = str(d.uuid)
     argv = [
@@ -157,7 +164,9 @@ def build_argv(definition: DomainDef, accel: str, qemu_binary: str, monitor_fd: 
         "-chardev", opts("socket", id=MONITOR_FD_ID, fd=str(monitor_fd), server="on",
                          wait="off"),
         "-mon", opts("", chardev=MONITOR_FD_ID, mode="control"),
-        "-chardev", opts("file", id=SERIAL_ID, path=str(paths.console_log)),
+        "-pidfile", str(paths.pidfile),
+        "-chardev", (opts("socket", id=SERIAL_ID, fd=str(console_fd), server="on", wait="off")
+                     if console_fd is not None else opts("null", id=SERIAL_ID)),
         "-device", jarg({"driver": "isa-serial", "chardev": SERIAL_ID, "id": SERIAL_ID}),
         "-device", jarg({"driver": "pvpanic", "id": "pvpanic0"}),
         # A guest panic pauses the vCPUs (GUEST_PANICKED); on_crash then decides.

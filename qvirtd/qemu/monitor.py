@@ -13,16 +13,25 @@ What this wrapper adds to the library, and why:
   WARNING; its logger is quietened and we log what matters ourselves.
 * Losing the connection (QEMU died or closed it) is reported once through `on_lost`, and every
   command in flight or issued later fails with `MonitorClosedError` at once.
+* `connect()` never blocks the loop (rule L6): the socket is non-blocking, and a full listen
+  backlog (a frozen QEMU does not accept; QEMU listens with a backlog of 1, so after two
+  queued attempts a blocking `connect()` would sleep in the kernel for good) is retried
+  until the deadline rather than waited for.
+* `listen(names)` lets an operation wait for QMP events (DEVICE_DELETED for a detach, later
+  the migration events) without a hand-made map of futures: open it before sending the
+  command, read what arrives, close it (a `with` block). Events still reach the pump.
 
-Rule L4: `execute()` checks that the calling task holds no driver or domain lock.
+Rule L4: `execute()` and `connect()` check that the calling task holds no driver or domain
+lock.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextlib
 import logging
-import socket
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +41,7 @@ from qemu.qmp.message import Message
 
 from ..errors import MonitorClosedError, MonitorError, MonitorTimeoutError
 from ..locks import check_no_locks
-from .unixpath import short_path
+from .unixpath import connect_unix
 
 log = logging.getLogger(__name__)
 
@@ -44,12 +53,63 @@ def quieten_library_logging(debug: bool = False) -> None:
     logging.getLogger("qemu.qmp").setLevel(logging.DEBUG if debug else logging.CRITICAL)
 
 
-class _ForwardingListener(EventListener):
-    """Hands each QMP event to a callback; keeps no queue and no history."""
+LISTEN_QUEUE = 256
 
-    def __init__(self, callback: EventCallback) -> None:
+
+class QmpListener:
+    """QMP events of some names, as they arrive, for one operation (`Monitor.listen`).
+    Bounded: past `LISTEN_QUEUE` unread events the oldest are dropped (and `overflowed`)."""
+
+    def __init__(self, monitor: Monitor, names: frozenset[str]) -> None:
+        self.monitor = monitor
+        self.names = names
+        self._queue: collections.deque[tuple[str, dict[str, Any]]] = collections.deque(
+            maxlen=LISTEN_QUEUE)
+        self._ready = asyncio.Event()
+        self.overflowed = False
+        self.closed = False
+
+    def _push(self, name: str, data: dict[str, Any]) -> None:
+        if len(self._queue) == self._queue.maxlen:
+            self.overflowed = True
+        self._queue.append((name, data))
+        self._ready.set()
+
+    def _close(self) -> None:
+        self.closed = True
+        self._ready.set()
+
+    async def get(self, timeout_s: float) -> tuple[str, dict[str, Any]]:
+        """The next event; TimeoutError after `timeout_s`, MonitorClosedError if the
+        connection is gone (rule L4: no lock may be held)."""
+        check_no_locks(f"QMP events on {self.monitor.domain_name}")
+        async with asyncio.timeout(timeout_s):
+            while not self._queue:
+                if self.closed:
+                    raise MonitorClosedError(f"domain '{self.monitor.domain_name}': the QEMU "
+                                             "monitor closed while waiting for an event")
+                self._ready.clear()
+                await self._ready.wait()
+        return self._queue.popleft()
+
+    async def wait_for(self, predicate: Callable[[str, dict[str, Any]], bool],
+                       timeout_s: float) -> tuple[str, dict[str, Any]]:
+        """The first event for which `predicate` holds (others are skipped)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while True:
+            name, data = await self.get(max(0.0, deadline - loop.time()))
+            if predicate(name, data):
+                return name, data
+
+
+class _ForwardingListener(EventListener):
+    """Hands each QMP event to a callback and to the open `listen()`s; keeps no history."""
+
+    def __init__(self, callback: EventCallback, listeners: set[QmpListener]) -> None:
         super().__init__()
         self._callback = callback
+        self._listeners = listeners
 
     async def put(self, event: Message) -> None:
         data = event.get("data")
@@ -57,11 +117,15 @@ class _ForwardingListener(EventListener):
         when = None
         if isinstance(stamp, dict):
             when = float(stamp.get("seconds", 0)) + float(stamp.get("microseconds", 0)) / 1e6
+        name = str(event["event"])
+        payload = dict(data) if isinstance(data, dict) else {}
         try:
-            self._callback(str(event["event"]), dict(data) if isinstance(data, dict) else {},
-                           when)
+            self._callback(name, payload, when)
         except Exception:
-            log.exception("QMP event handler failed on %s", event.get("event"))
+            log.exception("QMP event handler failed on %s", name)
+        for listener in self._listeners:
+            if name in listener.names:
+                listener._push(name, payload)
 
 
 class Monitor:
@@ -75,7 +139,8 @@ class Monitor:
         self._client = QMPClient(domain_name)
         # Pitfall: drop the default all-events listener (unbounded queue and history).
         self._client._listeners.remove(self._client.events)
-        self._client.register_listener(_ForwardingListener(on_event))
+        self._listeners: set[QmpListener] = set()
+        self._client.register_listener(_ForwardingListener(on_event, self._listeners))
         self._closed = False
         self._lost_reported = False
         self._watch: asyncio.Task[None] | None = None
@@ -88,14 +153,9 @@ class Monitor:
         """Connect and negotiate, or fail within `timeout_s` (QEMU may die or hang first)."""
         check_no_locks(f"QMP connect of {self.domain_name}")
         try:
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-            try:
-                with short_path(socket_path) as where:
-                    sock.connect(where)  # a local UNIX socket: connect does not block
-            except OSError:
-                sock.close()
-                raise
-            await asyncio.wait_for(self._client.connect(sock), timeout_s)
+            async with asyncio.timeout(timeout_s):
+                sock = await connect_unix(socket_path)
+                await self._client.connect(sock)
         except TimeoutError:
             await self.close()
             raise MonitorTimeoutError(
@@ -109,11 +169,26 @@ class Monitor:
         self._watch = asyncio.create_task(self._watch_connection(),
                                           name=f"monitor-watch-{self.domain_name}")
 
+    @contextlib.contextmanager
+    def listen(self, names: Iterable[str]) -> Iterator[QmpListener]:
+        """Collect QMP events named `names` while the block runs (open it before sending the
+        command whose events you want: none that arrive after entering is missed)."""
+        listener = QmpListener(self, frozenset(names))
+        if self._closed:
+            listener._close()
+        self._listeners.add(listener)
+        try:
+            yield listener
+        finally:
+            self._listeners.discard(listener)
+
     async def _watch_connection(self) -> None:
         """Report the loss of the connection once (QEMU exited or closed the monitor)."""
         while self._client.runstate is Runstate.RUNNING:
             await self._client.runstate_changed()
         self._closed = True
+        for listener in self._listeners:
+            listener._close()
         if not self._lost_reported:
             self._lost_reported = True
             self._on_lost()
@@ -169,9 +244,12 @@ class Monitor:
         """Close quietly: the library's disconnect() re-raises the root cause of a failure."""
         self._closed = True
         self._lost_reported = True  # an orderly close is not a loss
+        for listener in self._listeners:
+            listener._close()
         try:
             await self._client.disconnect()
         except Exception as exc:  # the original connection error, already handled
             log.debug("domain '%s': monitor closed after error: %s", self.domain_name, exc)
         if self._watch is not None and self._watch is not asyncio.current_task():
             self._watch.cancel()
+

@@ -2,6 +2,8 @@
 
 QEMU is started with plain `subprocess.Popen(start_new_session=True)`, not asyncio's subprocess
 transport: that transport kills its child when it is closed, and a guest must outlive the daemon.
+The fork and exec happen in a worker thread (rule L6: Popen waits until the child has exec'd,
+which takes milliseconds and more with a large parent), and so do scans of /proc.
 Exit is noticed through a pidfd watched by the event loop, which works for our children and,
 after a daemon restart, for processes we did not start; signals also go through the pidfd, so
 a reused pid can never receive a signal meant for a QEMU that is gone.
@@ -43,11 +45,10 @@ def proc_state(pid: int) -> str | None:
     return raw[raw.rindex(b")") + 2:][:1].decode()
 
 
-def qemu_pids_mentioning(text: str) -> list[int]:
-    """Live QEMU processes whose command line contains `text` (e.g. a --root directory:
-    every QEMU of a daemon names its runtime directory in its options)."""
+def qemu_processes() -> list[tuple[int, bytes]]:
+    """Blocking (a /proc scan: call it off the loop). Live QEMU processes and their command
+    lines (arguments separated by NUL bytes)."""
     found = []
-    needle = text.encode()
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -55,9 +56,29 @@ def qemu_pids_mentioning(text: str) -> list[int]:
             cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
         except OSError:
             continue
-        if needle in cmdline and b"qemu-system" in cmdline and proc_state(int(entry)) != "Z":
-            found.append(int(entry))
+        if b"qemu-system" in cmdline and proc_state(int(entry)) not in (None, "Z"):
+            found.append((int(entry), cmdline))
     return found
+
+
+def qemu_pids_mentioning(text: str) -> list[int]:
+    """Blocking. Live QEMU processes whose command line contains `text` (e.g. a --root
+    directory: every QEMU of a daemon names its runtime directory in its options)."""
+    needle = text.encode()
+    return [pid for pid, cmdline in qemu_processes() if needle in cmdline]
+
+
+def uuid_needle(uuid: str) -> bytes:
+    """How a QEMU of domain `uuid` shows it in its command line (`-uuid UUID`)."""
+    return b"\0-uuid\0" + uuid.encode() + b"\0"
+
+
+async def find_qemus(needles: list[bytes]) -> list[tuple[int, bytes]]:
+    """Off the loop: live QEMUs whose command line contains any of `needles`."""
+    def scan() -> list[tuple[int, bytes]]:
+        return [(pid, cmd) for pid, cmd in qemu_processes()
+                if any(needle in cmd for needle in needles)]
+    return await asyncio.to_thread(scan)
 
 
 def describe_status(status: int | None) -> str:
@@ -89,18 +110,21 @@ class QemuProcess:
         loop.add_reader(self._pidfd, self._on_exit)
 
     @classmethod
-    def spawn(cls, argv: Sequence[str], pass_fds: Sequence[int], log_path: Path,
-              cwd: Path) -> QemuProcess:
-        """Start QEMU in a new session (so it outlives us), stdout+stderr to the domain log."""
-        with open(log_path, "ab", buffering=0) as logf:
-            try:
-                popen = subprocess.Popen(
+    async def spawn(cls, argv: Sequence[str], pass_fds: Sequence[int], log_path: Path,
+                    cwd: Path) -> QemuProcess:
+        """Start QEMU in a new session (so it outlives us), stdout+stderr to the domain log.
+        The fork/exec runs in a worker thread (rule L6)."""
+        def popen() -> subprocess.Popen[bytes]:
+            with open(log_path, "ab", buffering=0) as logf:
+                return subprocess.Popen(
                     list(argv), stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
-                    pass_fds=tuple(pass_fds), start_new_session=True, cwd=cwd, close_fds=True,
-                )
-            except OSError as exc:
-                raise ProcessError(f"cannot run {argv[0]}: {exc.strerror}") from exc
-        return cls(popen.pid, popen)
+                    pass_fds=tuple(pass_fds), start_new_session=True, cwd=cwd,
+                    close_fds=True)
+        try:
+            child = await asyncio.to_thread(popen)
+        except OSError as exc:
+            raise ProcessError(f"cannot run {argv[0]}: {exc.strerror or exc}") from exc
+        return cls(child.pid, child)
 
     def _reap(self) -> None:
         status: int | None = None

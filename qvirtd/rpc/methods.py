@@ -59,6 +59,7 @@ class AutostartParams(NameParams):
 
 class MonitorCommandParams(NameParams):
     command: dict[str, Any]
+    force: bool = False
 
 
 class AttachParams(NameParams):
@@ -183,10 +184,17 @@ def build_methods(ctx: Context, ops: Lifecycle, devices: Devices) -> dict[str, M
         return await ops.destroy(p.name, c.owner("destroy"))
 
     async def autostart(p: AutostartParams, c: Caller) -> Any:
-        return await ops.set_autostart(p.name, not p.disable)
+        return await ops.set_autostart(p.name, not p.disable, c.owner("autostart"))
 
     async def monitor_command(p: MonitorCommandParams, c: Caller) -> Any:
-        return await ops.monitor_command(p.name, p.command, c.owner("qemu-monitor-command"))
+        return await ops.monitor_command(p.name, p.command, p.force,
+                                         c.owner("qemu-monitor-command"))
+
+    async def domjobinfo(p: NameParams, c: Caller) -> Any:
+        return await ops.domjobinfo(p.name)
+
+    async def domjobabort(p: NameParams, c: Caller) -> Any:
+        return await ops.domjobabort(p.name, c.owner("domjobabort"))
 
     async def console_log(p: ConsoleParams, c: Caller) -> Any:
         return await ops.console_log(p.name, p.max_bytes)
@@ -204,10 +212,12 @@ def build_methods(ctx: Context, ops: Lifecycle, devices: Devices) -> dict[str, M
                        "dropped_subscribers": ctx.bus.dropped_subscribers},
             "background_tasks": len(ctx.background_tasks),
             "orphans": ctx.orphans,
+            "writer": ctx.writer.stats(),
         }
 
     async def daemon_warnings(p: NoParams, c: Caller) -> Any:
-        return [o["message"] for o in ctx.orphans] + ctx.device_warnings
+        return ([o["message"] for o in ctx.orphans] + ctx.warnings
+                + [f"status file not written, retrying: {e}" for e in ctx.writer.failing.values()])
 
     table: dict[str, tuple[type[Params], Handler, str]] = {
         "define": (DefineParams, define, "create or update a persistent domain"),
@@ -224,6 +234,8 @@ def build_methods(ctx: Context, ops: Lifecycle, devices: Devices) -> dict[str, M
         "destroy": (NameParams, destroy, "stop QEMU now"),
         "autostart": (AutostartParams, autostart, "set or clear the autostart flag"),
         "qemu-monitor-command": (MonitorCommandParams, monitor_command, "one raw QMP command"),
+        "domjobinfo": (NameParams, domjobinfo, "the domain's current jobs"),
+        "domjobabort": (NameParams, domjobabort, "abort the domain's async job"),
         "attach-device": (AttachParams, attach_device, "hotplug a device (and/or --config)"),
         "detach-device": (DetachParams, detach_device, "hot-unplug a device"),
         "change-media": (ChangeMediaParams, change_media, "insert or eject a CD-ROM medium"),

@@ -33,7 +33,7 @@ async def monitor() -> AsyncIterator[tuple[Monitor, QemuProcess]]:
             "q35,accel=tcg", "-m", "32", "-chardev",
             f"socket,id=m,fd={listener.fileno()},server=on,wait=off",
             "-mon", "chardev=m,mode=control"]
-    proc = QemuProcess.spawn(argv, [listener.fileno()], tmp / "qemu.log", tmp)
+    proc = await QemuProcess.spawn(argv, [listener.fileno()], tmp / "qemu.log", tmp)
     listener.close()
     saved = (LockWatch.strict, LockWatch.violations)
     mon = Monitor("locktest", lambda *event: None, lambda: None, 5.0)

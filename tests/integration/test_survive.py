@@ -106,8 +106,8 @@ def test_clean_stop_leaves_status_current_and_guests_running(daemon: Daemon) -> 
     pid = daemon.json("dominfo", "calm")["pid"]
     assert daemon.stop() == 0
     status = json.loads((daemon.root / "run" / "domains" / "calm" / "status.json").read_text())
-    assert (status["pid"], status["state"], status["reason"], status["phase"]) == \
-        (pid, "paused", "user", "running")
+    assert (status["pid"], status["state"], status["reason"], status["async_job"]) == \
+        (pid, "paused", "user", None)
     assert pid_alive(pid)
     daemon.start()
     assert daemon.state("calm") == ("paused", "user")

@@ -24,7 +24,9 @@ POSITIONAL = "<positional>"
 FLAGS = {"-S", "-no-shutdown", "-nodefaults", "-no-user-config", "-no-reboot"}
 QEMUOPTS_OPTIONS = {"-machine", "-chardev", "-mon", "-name", "-action"}
 JSON_OPTIONS = {"-device", "-blockdev", "-netdev"}
-PLAIN_OPTIONS = {"-uuid", "-m", "-smp", "-display", "-cpu", "-kernel", "-initrd", "-append"}
+PLAIN_OPTIONS = {"-uuid", "-m", "-smp", "-display", "-cpu", "-kernel", "-initrd", "-append",
+                 "-pidfile"}
+CONSOLE_FD = 8
 
 HOSTILE = [
     ",server=on,id=x",
@@ -117,7 +119,7 @@ def json_args(argv: list[str], option: str) -> list[dict[str, Any]]:
 
 
 def launch_paths(run_dir: Path) -> LaunchPaths:
-    return LaunchPaths(run_dir, run_dir / "monitor.sock", run_dir / "console.log")
+    return LaunchPaths(run_dir)
 
 
 RUN = launch_paths(Path("/run/qvirtd/domains/vm"))
@@ -126,11 +128,11 @@ RUN = launch_paths(Path("/run/qvirtd/domains/vm"))
 def build(raw: dict[str, Any], accel: str = "tcg", paths: LaunchPaths = RUN,
           fd: int = 7, cpu: str | None = None) -> list[str]:
     definition = DomainDef.model_validate({"name": "vm", **raw})
-    return build_argv(definition, accel, "qemu-system-x86_64", fd, paths, cpu)
+    return build_argv(definition, accel, "qemu-system-x86_64", fd, paths, cpu, CONSOLE_FD)
 
 
-def check_qemuopts_options(argv: list[str], name: str, fd: int, console_log: Path,
-                           accel: str) -> None:
+def check_qemuopts_options(argv: list[str], name: str, fd: int, accel: str,
+                           console_fd: int | None = CONSOLE_FD) -> None:
     """Every QemuOpts option has exactly the keys we put there, with their values intact."""
     machines = args_of(argv, "-machine")
     assert len(machines) == 1
@@ -150,8 +152,11 @@ def check_qemuopts_options(argv: list[str], name: str, fd: int, console_log: Pat
     by_id = {c["id"]: c for c in chardevs}
     assert by_id["qmp"] == {POSITIONAL: "socket", "id": "qmp", "fd": str(fd), "server": "on",
                             "wait": "off"}
-    assert by_id["serial0"] == {POSITIONAL: "file", "id": "serial0",
-                                "path": str(console_log)}
+    if console_fd is None:
+        assert by_id["serial0"] == {POSITIONAL: "null", "id": "serial0"}
+    else:
+        assert by_id["serial0"] == {POSITIONAL: "socket", "id": "serial0",
+                                    "fd": str(console_fd), "server": "on", "wait": "off"}
 
 
 def hostile_definition(value: str) -> dict[str, Any]:
@@ -170,7 +175,7 @@ def test_hostile_values_cannot_inject_options(value: str) -> None:
     raw = hostile_definition(value)
     argv = build(raw)
     parse_argv(argv)  # only known options, each with its argument
-    check_qemuopts_options(argv, "vm", 7, RUN.console_log, "tcg")
+    check_qemuopts_options(argv, "vm", 7, "tcg")
 
     # Kernel, initrd and cmdline are single argv elements, passed verbatim.
     assert args_of(argv, "-kernel") == [raw["boot"]["kernel"]]
@@ -194,9 +199,10 @@ def test_run_dir_with_hostile_characters_is_escaped(value: str) -> None:
     paths = launch_paths(Path(f"/tmp/qvirtd root{value}/run,dir/domains/vm"))
     argv = build({"disks": [{"id": "d0", "path": "/img/a.img"}]}, paths=paths, fd=12)
     parse_argv(argv)
-    check_qemuopts_options(argv, "vm", 12, paths.console_log, "tcg")
-    # The run directory appears nowhere else.
-    elsewhere = [a for o, a in parse_argv(argv) if o != "-chardev" and a is not None]
+    check_qemuopts_options(argv, "vm", 12, "tcg")
+    # The run directory appears once, as the pid file: a plain argument, never QemuOpts.
+    assert args_of(argv, "-pidfile") == [str(paths.run_dir / "qemu.pid")]
+    elsewhere = [a for o, a in parse_argv(argv) if o != "-pidfile" and a is not None]
     assert not any(str(paths.run_dir) in a for a in elsewhere)
 
 
@@ -204,7 +210,7 @@ def test_run_dir_with_hostile_characters_is_escaped(value: str) -> None:
 def test_name_round_trips(name: str) -> None:
     definition = DomainDef.model_validate({"name": name})
     argv = build_argv(definition, "tcg", "qemu", 3, RUN)
-    check_qemuopts_options(argv, name, 3, RUN.console_log, "tcg")
+    check_qemuopts_options(argv, name, 3, "tcg", console_fd=None)
 
 
 def test_blockdev_nodes_link_format_to_file_and_readonly() -> None:

@@ -1,4 +1,5 @@
-"""The per-domain job condition (qvirtd.job). Every acquire/release happens under the lock."""
+"""The per-domain job condition (qvirtd.job): sync and async slots, masks, nested jobs through
+the async job's handle, phases and abort. Every acquire/release happens under the lock."""
 
 from __future__ import annotations
 
@@ -7,32 +8,36 @@ import time
 
 import pytest
 
-from qvirtd.errors import JobTimeoutError
-from qvirtd.job import Job, JobCondition, JobKind
+from qvirtd.errors import JobAbortedError, JobTimeoutError
+from qvirtd.job import DEFAULT_MASK, AsyncJob, AsyncJobKind, Job, JobCondition, JobKind
 from qvirtd.locks import TrackedLock, locks_held
 
 TIMEOUT = 0.2
 
 
-@pytest.fixture(params=["asyncio", "tracked"])
-def lock(request: pytest.FixtureRequest) -> asyncio.Lock:
-    if request.param == "tracked":
-        return TrackedLock("domain vm")
-    return asyncio.Lock()
+@pytest.fixture
+def lock() -> TrackedLock:
+    return TrackedLock("domain vm")
 
 
 @pytest.fixture
-def cond(lock: asyncio.Lock) -> JobCondition:
+def cond(lock: TrackedLock) -> JobCondition:
     return JobCondition(lock, "vm")
 
 
 async def take(cond: JobCondition, lock: asyncio.Lock, kind: JobKind, owner: str,
-               timeout_s: float = TIMEOUT) -> Job:
+               timeout_s: float = TIMEOUT, nested: AsyncJob | None = None) -> Job:
     async with lock:
-        return await cond.acquire(kind, owner, timeout_s)
+        return await cond.acquire(kind, owner, timeout_s, nested)
 
 
-async def give(cond: JobCondition, lock: asyncio.Lock, job: Job) -> None:
+async def take_async(cond: JobCondition, lock: asyncio.Lock, owner: str = "start",
+                     timeout_s: float = TIMEOUT) -> AsyncJob:
+    async with lock:
+        return await cond.acquire_async(AsyncJobKind.START, owner, timeout_s)
+
+
+async def give(cond: JobCondition, lock: asyncio.Lock, job: Job | AsyncJob) -> None:
     async with lock:
         cond.release(job)
 
@@ -128,63 +133,84 @@ async def test_two_waiters_get_the_job_one_after_the_other(cond: JobCondition,
     assert {first.owner, second.owner} == {"b", "c"}
 
 
+SYNC_KINDS = (JobKind.QUERY, JobKind.MODIFY, JobKind.SUSPEND, JobKind.DESTROY, JobKind.ABORT)
+
+
 async def test_sync_kinds_exclude_each_other(cond: JobCondition, lock: asyncio.Lock) -> None:
-    for held in (JobKind.QUERY, JobKind.MODIFY, JobKind.DESTROY):
+    for held in SYNC_KINDS:
         job = await take(cond, lock, held, "holder")
-        for wanted in (JobKind.QUERY, JobKind.MODIFY, JobKind.DESTROY, JobKind.ASYNC):
+        for wanted in SYNC_KINDS:
             with pytest.raises(JobTimeoutError, match=f"'{held}'"):
                 await in_task(take(cond, lock, wanted, "other", 0.05))
+        with pytest.raises(JobTimeoutError, match=f"'{held}'"):
+            await in_task(take_async(cond, lock, "another start", 0.05))
         await give(cond, lock, job)
     assert cond.sync_job is None and cond.async_job is None
 
 
-async def test_async_allows_query_and_destroy_but_not_modify(cond: JobCondition,
-                                                             lock: asyncio.Lock) -> None:
-    start = await take(cond, lock, JobKind.ASYNC, "start (client pid 1)")
-    assert cond.async_job is start
-
-    query = await in_task(take(cond, lock, JobKind.QUERY, "dominfo"))
-    assert isinstance(query, Job) and cond.sync_job is query
-    await give(cond, lock, query)
-
-    destroy = await in_task(take(cond, lock, JobKind.DESTROY, "destroy"))
-    assert isinstance(destroy, Job)
-    await give(cond, lock, destroy)
-
-    started = time.monotonic()
-    with pytest.raises(JobTimeoutError) as info:
-        await in_task(take(cond, lock, JobKind.MODIFY, "suspend"))
-    assert time.monotonic() - started >= 0.9 * TIMEOUT
-    assert "'async'" in str(info.value)
-    assert "start (client pid 1)" in str(info.value)
-
+async def test_the_mask_of_an_async_job_decides_who_runs_beside_it(
+        cond: JobCondition, lock: asyncio.Lock) -> None:
+    start = await take_async(cond, lock, "start (client pid 1)")
+    assert cond.async_job is start and start.mask == DEFAULT_MASK
+    for kind in (JobKind.QUERY, JobKind.DESTROY, JobKind.ABORT):
+        job = await in_task(take(cond, lock, kind, str(kind)))
+        assert isinstance(job, Job) and cond.sync_job is job
+        await give(cond, lock, job)
+    for kind in (JobKind.MODIFY, JobKind.SUSPEND):
+        started = time.monotonic()
+        with pytest.raises(JobTimeoutError) as info:
+            await in_task(take(cond, lock, kind, "suspend"))
+        assert time.monotonic() - started >= 0.9 * TIMEOUT
+        assert "async job 'start' (phase prepare)" in str(info.value)
+        assert "start (client pid 1)" in str(info.value)
     with pytest.raises(JobTimeoutError):
-        await in_task(take(cond, lock, JobKind.ASYNC, "another start"))
+        await in_task(take_async(cond, lock, "another start"))
+    # A migration-like phase change: suspend/resume become allowed beside it.
+    async with lock:
+        start.allow(DEFAULT_MASK | {JobKind.SUSPEND})
+    job = await in_task(take(cond, lock, JobKind.SUSPEND, "suspend"))
+    assert isinstance(job, Job)
+    await give(cond, lock, job)
     assert cond.async_job is start
 
 
-async def test_async_owner_may_nest_a_modify(cond: JobCondition, lock: asyncio.Lock) -> None:
-    async def owner() -> None:
-        start = await take(cond, lock, JobKind.ASYNC, "start")
-        nested = await take(cond, lock, JobKind.MODIFY, "start: cont", 0.05)
-        assert cond.sync_job is nested and cond.async_job is start
-        # While the nested job runs, other tasks wait even for queries.
-        with pytest.raises(JobTimeoutError, match="start: cont"):
-            await in_task(take(cond, lock, JobKind.QUERY, "dominfo", 0.05))
-        await give(cond, lock, nested)
-        assert cond.sync_job is None and cond.async_job is start
-        await give(cond, lock, start)
+async def test_a_waiter_is_woken_when_the_mask_allows_it(cond: JobCondition,
+                                                         lock: asyncio.Lock) -> None:
+    start = await take_async(cond, lock)
+    waiter = asyncio.create_task(take(cond, lock, JobKind.SUSPEND, "resume", 5.0))
+    await asyncio.sleep(0.05)
+    assert not waiter.done()
+    async with lock:
+        start.allow(DEFAULT_MASK | {JobKind.SUSPEND})
+    job = await asyncio.wait_for(waiter, 1.0)
+    assert job.kind is JobKind.SUSPEND
 
-    await in_task(owner())
+
+async def test_nested_jobs_go_through_the_handle(cond: JobCondition,
+                                                 lock: asyncio.Lock) -> None:
+    start = await take_async(cond, lock, "start")
+    # Another task handed the handle may take a nested MODIFY (not in the mask)...
+    nested = await in_task(take(cond, lock, JobKind.MODIFY, "start: cont", 0.05, start))
+    assert isinstance(nested, Job) and cond.sync_job is nested and nested.nested_in is start
+    # ...and while it runs, other tasks wait even for queries,
+    with pytest.raises(JobTimeoutError, match="start: cont"):
+        await in_task(take(cond, lock, JobKind.QUERY, "dominfo", 0.05))
+    await give(cond, lock, nested)
+    # while being the async job's own task is not enough without the handle.
+    with pytest.raises(JobTimeoutError):
+        await take(cond, lock, JobKind.MODIFY, "not nested", 0.05)
+    await give(cond, lock, start)
+    # A stale handle is refused outright.
+    with pytest.raises(RuntimeError, match="not the async job"):
+        await take(cond, lock, JobKind.MODIFY, "stale", 0.05, start)
     assert cond.sync_job is None and cond.async_job is None
 
 
 async def test_async_waits_for_a_sync_job(cond: JobCondition, lock: asyncio.Lock) -> None:
     query = await take(cond, lock, JobKind.QUERY, "dominfo")
     with pytest.raises(JobTimeoutError, match="'query'"):
-        await in_task(take(cond, lock, JobKind.ASYNC, "start"))
-
-    waiter = asyncio.create_task(take(cond, lock, JobKind.ASYNC, "start", 5.0))
+        await in_task(take_async(cond, lock))
+    waiter = asyncio.create_task(take_async(cond, lock, "start", 5.0))
     await asyncio.sleep(0.05)
     assert not waiter.done()
     await give(cond, lock, query)
@@ -192,24 +218,64 @@ async def test_async_waits_for_a_sync_job(cond: JobCondition, lock: asyncio.Lock
     assert cond.async_job is start
 
 
-async def test_releasing_async_wakes_a_modify(cond: JobCondition, lock: asyncio.Lock) -> None:
-    start = await take(cond, lock, JobKind.ASYNC, "start")
+async def test_releasing_async_wakes_a_modify_and_sets_done(cond: JobCondition,
+                                                            lock: asyncio.Lock) -> None:
+    start = await take_async(cond, lock)
     waiter = asyncio.create_task(take(cond, lock, JobKind.MODIFY, "suspend", 5.0))
     await asyncio.sleep(0.05)
-    assert not waiter.done()
+    assert not waiter.done() and not start.done.is_set()
     await give(cond, lock, start)
     job = await asyncio.wait_for(waiter, 2.0)
-    assert job.owner == "suspend"
+    assert job.owner == "suspend" and start.done.is_set()
+
+
+async def test_phases(cond: JobCondition, lock: asyncio.Lock) -> None:
+    start = await take_async(cond, lock)
+    assert start.phase == "prepare"
+    with pytest.raises(AssertionError, match="without the domain lock"):
+        start.set_phase("spawn")
+    async with lock:
+        start.set_phase("connect")
+        with pytest.raises(ValueError, match="no phase 'migrate'"):
+            start.set_phase("migrate")
+    info = start.info()
+    assert (info["kind"], info["phase"], info["owner"]) == ("start", "connect", "start")
+    assert info["allowed"] == ["abort", "destroy", "query"]
+
+
+async def test_abort_stops_an_abortable_wait(cond: JobCondition, lock: asyncio.Lock) -> None:
+    start = await take_async(cond, lock)
+    assert await start.abortable(asyncio.sleep(0.01, "done")) == "done"
+    cancelled = asyncio.Event()
+
+    async def long_wait() -> None:
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+
+    task = asyncio.create_task(start.abortable(long_wait()))
+    await asyncio.sleep(0.05)
+    async with lock:
+        start.request_abort("domjobabort (client pid 7)")
+    with pytest.raises(JobAbortedError, match="aborted by domjobabort \\(client pid 7\\)"):
+        await asyncio.wait_for(task, 1.0)
+    assert cancelled.is_set()
+    # Once asked, every later abortable wait fails at once.
+    with pytest.raises(JobAbortedError):
+        await start.abortable(asyncio.sleep(0))
+    assert start.info()["abort_requested"] == "domjobabort (client pid 7)"
 
 
 def test_job_describe_names_kind_owner_and_duration() -> None:
-    job = Job(JobKind.MODIFY, "reset (client pid 9)", task=None, since=100.0)
+    job = Job(JobKind.MODIFY, "reset (client pid 9)", since=100.0)
     assert job.describe(now=102.5) == "job 'modify' for 'reset (client pid 9)' (held for 2.5 s)"
 
 
 async def test_condition_describe(cond: JobCondition, lock: asyncio.Lock) -> None:
     assert cond.describe() == {"job": None, "async_job": None}
-    start = await take(cond, lock, JobKind.ASYNC, "start")
+    start = await take_async(cond, lock)
     info = cond.describe()
     assert info["job"] is None
     assert info["async_job"] is not None and "'start'" in info["async_job"]

@@ -20,20 +20,26 @@ from qvirtd.model import DomainDef, DomainState, Reason
 from qvirtd.ops import qmp_events
 from qvirtd.ops.context import Context
 from qvirtd.ops.qmp_events import FollowUpKind
+from qvirtd.run import Run
 
 
 class Harness:
     def __init__(self, tmp: Path, **definition: Any) -> None:
         self.ctx = Context(Settings(), Layout.under_root(tmp))
-        self.dom = Domain(DomainDef(name="vm", **definition), persistent=True)
-        self.dom.process = object()  # type: ignore[assignment]  # "QEMU exists"
+        definition_ = DomainDef(name="vm", **definition)
+        self.dom = Domain(definition_, persistent=True)
+        run_dir = tmp / "run" / "domains" / "vm"
+        run_dir.mkdir(parents=True)
+        self.run = Run(definition_, run_dir, 1, "tcg")  # "QEMU exists"
+        self.dom.run = self.run
         self.dom.state = DomainState.RUNNING
         self.dom.reason = Reason.BOOTED
         self.events: list[Event] = []
         self.ctx.bus.subscribe(callback=self.events.append)
 
     async def apply(self, event: str, /, **data: Any) -> qmp_events.FollowUp | None:
-        follow = qmp_events.apply(self.ctx, self.dom, event, data)
+        async with self.dom.lock:  # as the pump does (rule L3)
+            follow = qmp_events.apply(self.ctx, self.dom, self.run, event, data)
         await asyncio.sleep(0)  # the flush timer
         return follow
 
@@ -56,9 +62,9 @@ async def test_stop_reasons(h: Harness) -> None:
     assert h.state() == ("paused", "unknown") and h.kinds() == ["lifecycle suspended/paused"]
     await h.apply("RESUME")
     assert h.state() == ("running", "unpaused") and h.kinds() == ["lifecycle resumed/unpaused"]
-    h.dom.pause_hint = Reason.USER
+    h.run.pause_hint = Reason.USER
     await h.apply("STOP")
-    assert h.state() == ("paused", "user") and h.dom.pause_hint is None
+    assert h.state() == ("paused", "user") and h.run.pause_hint is None
     await h.apply("STOP")  # already paused: nothing new
     assert h.kinds() == ["lifecycle suspended/paused"]
 
@@ -76,7 +82,7 @@ async def test_io_error_then_stop_is_an_ioerror_pause(h: Harness) -> None:
 
 async def test_io_error_that_does_not_stop(h: Harness) -> None:
     await h.apply("BLOCK_IO_ERROR", device="d0", operation="write", action="report")
-    assert h.dom.pause_hint is None and h.state() == ("running", "booted")
+    assert h.run.pause_hint is None and h.state() == ("running", "booted")
     assert h.kinds() == ["io-error"]
 
 
@@ -88,7 +94,7 @@ async def test_watchdog_pause(h: Harness) -> None:
 
 
 async def test_resume_while_starting_is_left_to_start(h: Harness) -> None:
-    h.dom.state, h.dom.reason, h.dom.starting = DomainState.PAUSED, Reason.STARTING_UP, True
+    h.dom.state, h.dom.reason, h.run.starting = DomainState.PAUSED, Reason.STARTING_UP, True
     await h.apply("RESUME")
     assert h.state() == ("paused", "starting up") and h.kinds() == []
 
@@ -107,15 +113,15 @@ async def test_guest_poweroff_follows_on_poweroff(tmp_path: Path, on_poweroff: s
     assert (result.kind if result else None) is follow
     assert h.events[0].data == {"initiator": "guest", "qemu_reason": "guest-shutdown"}
     assert h.kinds() == ["lifecycle shutdown/finished"]
-    assert h.dom.stop_reason is (Reason.SHUTDOWN if follow is FollowUpKind.KILL else None)
-    assert h.dom.saw_shutdown
+    assert h.run.stop_reason is (Reason.SHUTDOWN if follow is FollowUpKind.KILL else None)
+    assert h.run.saw_shutdown
 
 
 async def test_reboot_request_turns_the_poweroff_into_a_reset(h: Harness) -> None:
-    h.dom.fake_reboot = True
+    h.run.fake_reboot = True
     result = await h.apply("SHUTDOWN", guest=True, reason="guest-shutdown")
     assert result is not None and result.kind is FollowUpKind.RESET_CONTINUE
-    assert h.dom.stop_reason is None
+    assert h.run.stop_reason is None
 
 
 async def test_guest_reset_with_on_reboot_destroy(tmp_path: Path) -> None:
@@ -132,9 +138,9 @@ async def test_host_quit_and_repeated_shutdowns(h: Harness) -> None:
 
 
 async def test_our_own_sigterm_is_not_announced(h: Harness) -> None:
-    h.dom.stop_reason = Reason.DESTROYED
+    h.run.stop_reason = Reason.DESTROYED
     assert await h.apply("SHUTDOWN", guest=False, reason="host-signal") is None
-    assert h.state() == ("running", "booted") and h.kinds() == [] and not h.dom.saw_shutdown
+    assert h.state() == ("running", "booted") and h.kinds() == [] and not h.run.saw_shutdown
 
 
 async def test_firmware_resets_fold_into_one_reboot(h: Harness) -> None:
@@ -142,7 +148,7 @@ async def test_firmware_resets_fold_into_one_reboot(h: Harness) -> None:
     await h.apply("RESET", guest=True, reason="guest-reset")
     await h.apply("RESET", guest=True, reason="guest-reset")
     assert h.kinds() == ["reboot"]
-    h.dom.last_reset_at -= qmp_events.REBOOT_COALESCE_S + 1  # much later: a new reboot
+    h.run.last_reset_at -= qmp_events.REBOOT_COALESCE_S + 1  # much later: a new reboot
     await h.apply("RESET", guest=True, reason="guest-reset")
     await h.apply("RESET", guest=False, reason="host-qmp-system-reset")  # host: always
     assert h.kinds() == ["reboot", "reboot"]
@@ -172,7 +178,7 @@ async def test_guest_panic_follows_on_crash(tmp_path: Path, on_crash: str,
                            info={"type": "hyper-v", "arg1": 1})
     assert h.state() == ("crashed", "panicked")
     assert (result.kind if result else None) is follow
-    assert h.dom.stop_reason is stop_reason
+    assert h.run.stop_reason is stop_reason
     assert h.kinds() == ["lifecycle crashed/panicked", "guest-panic"]
 
 
@@ -191,5 +197,5 @@ async def test_rtc_balloon_powerdown_and_unknown(h: Harness) -> None:
     assert [(e.event, e.data) for e in h.events] == [
         ("rtc-change", {"utc_offset_s": 3600}),
         ("balloon-change", {"actual_bytes": 64 * 2**20})]
-    assert h.dom.balloon_actual_bytes == 64 * 2**20
+    assert h.run.balloon_actual_bytes == 64 * 2**20
     assert h.state() == ("running", "booted")

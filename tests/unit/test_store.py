@@ -1,4 +1,5 @@
-"""Files on disk (qvirtd.store): atomic writes, definitions and autostart marks."""
+"""Files on disk: atomic writes (qvirtd.writer), definitions and autostart marks
+(qvirtd.store, written through the FileWriter)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from qvirtd.model import DomainDef
-from qvirtd.store import DefinitionStore, atomic_write_bytes, atomic_write_json, remove_file
+from qvirtd.store import DefinitionStore, atomic_write_json
+from qvirtd.writer import FileWriter, atomic_write_bytes, remove_file
 
 
 def leftovers(directory: Path, target: Path) -> list[str]:
@@ -20,7 +22,10 @@ def leftovers(directory: Path, target: Path) -> list[str]:
 
 
 def make_store(tmp_path: Path) -> DefinitionStore:
-    return DefinitionStore(tmp_path / "state" / "domains", tmp_path / "state" / "autostart")
+    store = DefinitionStore(tmp_path / "state" / "domains", tmp_path / "state" / "autostart",
+                            FileWriter())
+    store.prepare()
+    return store
 
 
 def definition(name: str, **extra: object) -> DomainDef:
@@ -125,13 +130,13 @@ def test_remove_file_is_idempotent(tmp_path: Path) -> None:
 
 # --- definitions ---------------------------------------------------------------------------
 
-def test_store_creates_its_directories(tmp_path: Path) -> None:
+async def test_store_creates_its_directories(tmp_path: Path) -> None:
     store = make_store(tmp_path)
     assert store.definitions_dir.is_dir()
     assert store.autostart_dir.is_dir()
 
 
-def test_save_and_load_all_round_trip(tmp_path: Path) -> None:
+async def test_save_and_load_all_round_trip(tmp_path: Path) -> None:
     store = make_store(tmp_path)
     a = definition("alpha", memory_mib=256, vcpus=2,
                    boot={"kernel": "/boot/k", "initrd": "/boot/i", "cmdline": "console=ttyS0"},
@@ -140,8 +145,8 @@ def test_save_and_load_all_round_trip(tmp_path: Path) -> None:
                    nics=[{"id": "n0", "mac": "52:54:00:01:02:03"}],
                    on_reboot="destroy")
     b = definition("beta")
-    store.save(a)
-    store.save(b)
+    await store.save(a)
+    await store.save(b)
     assert store.path_for("alpha") == store.definitions_dir / "alpha.json"
     assert store.path_for("alpha").exists()
 
@@ -152,24 +157,25 @@ def test_save_and_load_all_round_trip(tmp_path: Path) -> None:
     assert leftovers(store.definitions_dir, store.path_for("alpha")) == ["beta.json"]
 
 
-def test_a_fresh_store_reads_what_another_wrote(tmp_path: Path) -> None:
+async def test_a_fresh_store_reads_what_another_wrote(tmp_path: Path) -> None:
     a = definition("alpha")
-    make_store(tmp_path).save(a)
+    await make_store(tmp_path).save(a)
     assert make_store(tmp_path).load_all() == [(a, False)]
 
 
-def test_save_overwrites(tmp_path: Path) -> None:
+async def test_save_overwrites(tmp_path: Path) -> None:
     store = make_store(tmp_path)
-    store.save(definition("alpha", memory_mib=64))
+    await store.save(definition("alpha", memory_mib=64))
     updated = definition("alpha", memory_mib=512)
-    store.save(updated)
+    await store.save(updated)
     assert store.load_all() == [(updated, False)]
 
 
-def test_bad_files_are_skipped_and_kept(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+async def test_bad_files_are_skipped_and_kept(tmp_path: Path,
+                                              caplog: pytest.LogCaptureFixture) -> None:
     store = make_store(tmp_path)
     good = definition("good")
-    store.save(good)
+    await store.save(good)
     corrupt = store.definitions_dir / "corrupt.json"
     corrupt.write_text('{"name": "corrupt", ')
     invalid = store.definitions_dir / "invalid.json"
@@ -190,42 +196,43 @@ def test_bad_files_are_skipped_and_kept(tmp_path: Path, caplog: pytest.LogCaptur
     assert "other.json" in logged
 
 
-def test_delete_removes_definition_and_autostart(tmp_path: Path) -> None:
+async def test_delete_removes_definition_and_autostart(tmp_path: Path) -> None:
     store = make_store(tmp_path)
-    store.save(definition("alpha"))
-    store.set_autostart("alpha", True)
-    store.delete("alpha")
+    await store.save(definition("alpha"))
+    await store.set_autostart("alpha", True)
+    await store.delete("alpha")
+    await store.set_autostart("alpha", False)
     assert not store.path_for("alpha").exists()
     assert store.autostart("alpha") is False
     assert store.load_all() == []
-    store.delete("alpha")  # idempotent
+    await store.delete("alpha")  # idempotent
 
 
 # --- autostart -----------------------------------------------------------------------------
 
-def test_autostart_marks(tmp_path: Path) -> None:
+async def test_autostart_marks(tmp_path: Path) -> None:
     store = make_store(tmp_path)
     a, b = definition("alpha"), definition("beta")
-    store.save(a)
-    store.save(b)
+    await store.save(a)
+    await store.save(b)
     assert store.autostart("alpha") is False
 
-    store.set_autostart("alpha", True)
+    await store.set_autostart("alpha", True)
     assert store.autostart("alpha") is True
     assert store.autostart("beta") is False
     assert dict((d.name, auto) for d, auto in store.load_all()) == {"alpha": True, "beta": False}
 
-    store.set_autostart("alpha", True)  # again: still on, no error
+    await store.set_autostart("alpha", True)  # again: still on, no error
     assert store.autostart("alpha") is True
 
-    store.set_autostart("alpha", False)
+    await store.set_autostart("alpha", False)
     assert store.autostart("alpha") is False
-    store.set_autostart("alpha", False)  # already off: fine
+    await store.set_autostart("alpha", False)  # already off: fine
     assert dict((d.name, auto) for d, auto in store.load_all()) == {"alpha": False, "beta": False}
 
 
-def test_autostart_mark_survives_a_new_store(tmp_path: Path) -> None:
+async def test_autostart_mark_survives_a_new_store(tmp_path: Path) -> None:
     store = make_store(tmp_path)
-    store.save(definition("alpha"))
-    store.set_autostart("alpha", True)
+    await store.save(definition("alpha"))
+    await store.set_autostart("alpha", True)
     assert [(d.name, auto) for d, auto in make_store(tmp_path).load_all()] == [("alpha", True)]

@@ -1,0 +1,168 @@
+"""The FileWriter (qvirtd.writer): off the loop, in order per path, coalescing, errors that
+name the path, retries, rotation of capped logs."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from qvirtd.errors import StorageError
+from qvirtd.writer import FileWriter, append_capped
+
+
+@pytest.fixture
+def writer() -> FileWriter:
+    return FileWriter()
+
+
+async def test_write_and_remove(writer: FileWriter, tmp_path: Path) -> None:
+    target = tmp_path / "a.json"
+    await writer.write(target, b"one", durable=True)
+    assert target.read_bytes() == b"one"
+    await writer.remove(target, durable=True)
+    assert not target.exists()
+    await writer.remove(target, durable=False)  # absent: fine
+    assert writer.stats()["failures"] == 0
+
+
+async def test_queued_writes_coalesce_and_every_future_completes(
+        writer: FileWriter, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    target = tmp_path / "status.json"
+    started = threading.Event()
+    release = threading.Event()
+    real = os.replace
+    performed: list[bytes] = []
+
+    def slow_replace(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
+        performed.append(Path(src).read_bytes())
+        started.set()
+        release.wait(5)
+        real(src, dst)
+
+    monkeypatch.setattr(os, "replace", slow_replace)
+    first = writer.write(target, b"v1", durable=False)
+    await asyncio.to_thread(started.wait, 5)
+    later = [writer.write(target, f"v{i}".encode(), durable=False) for i in range(2, 12)]
+    release.set()
+    await asyncio.gather(first, *later)
+    assert target.read_bytes() == b"v11"
+    assert performed == [b"v1", b"v11"]  # ten queued writes became one
+
+
+async def test_a_removal_supersedes_queued_writes_in_order(
+        writer: FileWriter, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    target = tmp_path / "status.json"
+    gate = threading.Event()
+    real = os.replace
+
+    def gated(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
+        gate.wait(5)
+        real(src, dst)
+
+    monkeypatch.setattr(os, "replace", gated)
+    a = writer.write(target, b"a", durable=False)
+    b = writer.write(target, b"b", durable=False)
+    gone = writer.remove(target, durable=False)
+    gate.set()
+    await asyncio.gather(a, b, gone)
+    assert not target.exists()  # a late write never recreates a removed file
+
+
+async def test_appends_join_and_the_log_rotates_at_its_cap(writer: FileWriter,
+                                                           tmp_path: Path) -> None:
+    log = tmp_path / "console.log"
+    await asyncio.gather(*(writer.append(log, b"x" * 100, max_bytes=1000) for _ in range(9)))
+    assert log.stat().st_size == 900
+    await writer.append(log, b"y" * 200, max_bytes=1000)
+    assert log.read_bytes() == b"y" * 200
+    assert (tmp_path / "console.log.1").read_bytes() == b"x" * 900
+    # A single chunk larger than the cap keeps its end.
+    append_capped(log, b"0123456789" * 200, 1000)
+    assert log.stat().st_size == 1000 and log.read_bytes().endswith(b"789")
+
+
+async def test_an_error_names_the_path_and_the_old_file_stays(
+        writer: FileWriter, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    target = tmp_path / "def.json"
+    await writer.write(target, b"old", durable=True)
+
+    def read_only(fd: int) -> None:
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr(os, "fsync", read_only)
+    with pytest.raises(StorageError) as info:
+        await writer.write(target, b"new", durable=True)
+    assert str(info.value) == f"cannot write {target}: Read-only file system"
+    monkeypatch.undo()
+    assert target.read_bytes() == b"old"
+    assert [p.name for p in tmp_path.iterdir()] == ["def.json"]  # no temporary file left
+    busy = tmp_path / "busy"
+    with pytest.raises(StorageError, match=f"cannot remove {busy}: "):
+        await _raise_for(writer, busy)
+
+
+async def _raise_for(writer: FileWriter, directory: Path) -> None:
+    """A removal that fails (the path is a non-empty directory)."""
+    directory.mkdir()
+    (directory / "f").write_text("x")
+    await writer.remove(directory, durable=True)
+
+
+async def test_failures_are_counted_retried_and_superseded(
+        writer: FileWriter, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    target = tmp_path / "status.json"
+    calls = {"n": 0}
+    real = os.replace
+
+    def full_disk_twice(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
+        calls["n"] += 1
+        if calls["n"] <= 2:
+            raise OSError(28, "No space left on device")
+        real(src, dst)
+
+    monkeypatch.setattr(os, "replace", full_disk_twice)
+    fut = writer.write(target, b"state", durable=False, retry_s=0.05)
+    with pytest.raises(StorageError, match="No space left on device") as info:
+        await fut
+    assert str(target) in str(info.value) and info.value.kind == "storage"
+    assert writer.failing  # reported while it is being retried
+    for _ in range(100):
+        if not writer.failing:
+            break
+        await asyncio.sleep(0.02)
+    assert target.read_bytes() == b"state"  # the retry wrote it once the disk had room
+    assert writer.stats()["failures"] == 2 and not writer.failing
+
+
+async def test_a_slow_fsync_does_not_hold_the_loop(writer: FileWriter, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    real = os.fsync
+
+    def slow_fsync(fd: int) -> None:
+        time.sleep(0.3)
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", slow_fsync)
+    fut = writer.write(tmp_path / "d.json", b"x", durable=True)
+    gaps = []
+    last = time.monotonic()
+    while not fut.done():
+        await asyncio.sleep(0.01)
+        now = time.monotonic()
+        gaps.append(now - last)
+        last = now
+    await fut
+    assert max(gaps) < 0.1, max(gaps)
+
+
+async def test_drain_waits_for_everything(writer: FileWriter, tmp_path: Path) -> None:
+    futures = [writer.write(tmp_path / f"f{i}", b"x", durable=True) for i in range(20)]
+    assert await writer.drain(5.0)
+    assert all(f.done() for f in futures)
+    assert len(list(tmp_path.iterdir())) == 20
+    writer.close()
