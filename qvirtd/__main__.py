@@ -11,6 +11,7 @@ import uvloop
 
 from .config import ConfigError, resolve
 from .daemon import Daemon
+from .rootlock import StartRefused, take_root
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -23,12 +24,23 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"qvirtd: {exc}", file=sys.stderr)
         return 2
+    try:
+        # Before anything is read from the state or run directory; held until we exit.
+        root_lock = take_root(layout)
+    except StartRefused as exc:
+        print(f"qvirtd: {exc}", file=sys.stderr)
+        return 1
     logging.basicConfig(
         level=getattr(logging, settings.log_level.upper()),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    return int(uvloop.run(Daemon(settings, layout).run()))
+    with root_lock:
+        try:
+            return int(uvloop.run(Daemon(settings, layout).run()))
+        except ConfigError as exc:  # the socket could not be made (bind_socket)
+            print(f"qvirtd: {exc}", file=sys.stderr)
+            return 2
 
 
 if __name__ == "__main__":

@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from .client import Client, ConnectionLost, RpcError
-from .config import default_socket_path
+from .config import default_socket
+from .rootlock import UnsafeDirectory, check_private_dir
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -162,13 +163,17 @@ def _print(args: argparse.Namespace, result: Any, human: str) -> None:
 
 
 async def run(args: argparse.Namespace) -> int:
-    socket_path = Path(args.socket) if args.socket else default_socket_path()
+    socket_path, private = (Path(args.socket), ()) if args.socket else default_socket()
+    for d in private:  # the per-user default: never talk to a socket someone else planted
+        check_private_dir(d, missing_ok=True)
     try:
         client = await Client.connect(socket_path)
     except OSError as exc:
         raise ConnectionLost(f"cannot connect to qvirtd at {socket_path}: "
                              f"{exc.strerror or exc}") from exc
     async with client:
+        for d in private:  # again, now that it exists: nothing is sent before this passes
+            check_private_dir(d)
         c = args.verb
         if c == "define":
             r = await client.call("define", {"definition": args.definition})
@@ -310,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except (RpcError, ConnectionLost) as exc:
+    except (RpcError, ConnectionLost, UnsafeDirectory) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_FAILED
     except KeyboardInterrupt:

@@ -9,11 +9,21 @@ from __future__ import annotations
 
 import os
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .qemu.unixpath import SUN_PATH_MAX
+
+PATH_MAX = 4095  # bytes in a path, without the terminating NUL
+# A socket path over sun_path is reached as /proc/self/fd/N/NAME (qemu.unixpath): its file
+# name must fit beside that prefix, with room for a descriptor number of six digits.
+SOCKET_NAME_MAX = SUN_PATH_MAX - len("/proc/self/fd/999999/")
+# Room kept under the state and run directories for the daemon's own files (the longest is
+# RUN/domains/<64-byte name>/.status.json.tmp.<pid>), so every one fits in PATH_MAX.
+DIR_PATH_MAX = PATH_MAX - 128
 
 
 class ConfigError(Exception):
@@ -72,6 +82,38 @@ class Settings(BaseModel):
             raise ValueError("must be one of debug, info, warning, error")
         return value.lower()
 
+    @field_validator("socket_path")
+    @classmethod
+    def _socket_path(cls, value: str) -> str:
+        """Empty (the default), or an absolute path bind() can reach: checked here, at start,
+        so a path that cannot work is refused with the key named instead of failing later."""
+        if not value:
+            return value
+        if "\0" in value:
+            raise ValueError("must not contain a NUL character")
+        if not value.startswith("/"):
+            raise ValueError(f"must be an absolute path, not {value!r}")
+        size = len(value.encode())
+        if size > PATH_MAX:
+            raise ValueError(f"too long: {size} bytes, a path has at most {PATH_MAX}")
+        name = Path(value).name
+        name_size = len(name.encode())
+        if size > SUN_PATH_MAX and name_size > SOCKET_NAME_MAX:
+            raise ValueError(
+                f"file name too long for a UNIX socket: {name_size} bytes; when the whole path "
+                f"is over {SUN_PATH_MAX} bytes the file name may have at most {SOCKET_NAME_MAX}")
+        return value
+
+    @field_validator("qemu_binary")
+    @classmethod
+    def _qemu_binary(cls, value: str) -> str:
+        if not value or "\0" in value:
+            raise ValueError("must be a command name or an absolute path")
+        if "/" in value and not value.startswith("/"):
+            raise ValueError(f"must be a bare command name (looked up in PATH) or an absolute "
+                             f"path, not the relative path {value!r}")
+        return value
+
 
 def load_settings(path: Path | None) -> Settings:
     """Read `path` (absent: built-in defaults). Errors name the file and every bad key."""
@@ -102,6 +144,9 @@ class Layout:
     state_dir: Path
     run_dir: Path
     socket_path: Path
+    # Per-user directories (the XDG layout of a non-root user): the daemon creates them 0700,
+    # and it and qvirsh refuse them if someone else could control them (rootlock.py).
+    private_dirs: tuple[Path, ...] = ()
 
     @property
     def definitions_dir(self) -> Path:
@@ -140,27 +185,61 @@ class Layout:
         home = Path.home()
         cfg = Path(os.environ.get("XDG_CONFIG_HOME") or home / ".config") / "qvirtd"
         state = Path(os.environ.get("XDG_STATE_HOME") or home / ".local" / "state") / "qvirtd"
-        runtime = os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/qvirtd-{os.geteuid()}"
-        run = Path(runtime) / "qvirtd"
-        return cls(cfg / "qvirtd.toml", state, run, run / "qvirtd.sock")
+        xdg_runtime = os.environ.get("XDG_RUNTIME_DIR")
+        runtime = Path(xdg_runtime or f"/tmp/qvirtd-{os.geteuid()}")
+        run = runtime / "qvirtd"
+        # Without XDG_RUNTIME_DIR the runtime directory sits in /tmp, where anyone could
+        # have made it first: it is one of ours to check as well.
+        private = (run, state) if xdg_runtime else (runtime, run, state)
+        return cls(cfg / "qvirtd.toml", state, run, run / "qvirtd.sock", private)
 
 
 def resolve(root: Path | None, config: Path | None) -> tuple[Layout, Settings]:
     """The daemon's layout and settings from its flags (`--root`, `--config`)."""
     layout = Layout.under_root(root) if root is not None else Layout.default()
+    _check_dir_lengths(layout, root)
     config_path = config
-    if config_path is None and layout.config_file.exists():
-        config_path = layout.config_file
+    try:
+        if config_path is None and layout.config_file.exists():
+            config_path = layout.config_file
+    except OSError as exc:  # a name over NAME_MAX, a directory we may not enter, ...
+        raise ConfigError(f"{layout.config_file}: cannot read: {exc.strerror}") from exc
     settings = load_settings(config_path)
     if settings.socket_path:
-        layout = Layout(layout.config_file, layout.state_dir, layout.run_dir,
-                        Path(settings.socket_path))
+        layout = replace(layout, socket_path=Path(settings.socket_path))
     return layout, settings
+
+
+def _check_dir_lengths(layout: Layout, root: Path | None) -> None:
+    """Refuse a root (or XDG directory) so deep that the daemon's files under it would not
+    fit in PATH_MAX; anything shorter works (long socket paths go through qemu.unixpath)."""
+    if root is not None:
+        try:
+            str(root.absolute()).encode()  # QEMU options, logs and /proc scans need text
+        except UnicodeEncodeError:
+            raise ConfigError(f"--root: not a UTF-8 path: {root!s:.200}") from None
+        size = len(os.fsencode(root.absolute()))
+        limit = DIR_PATH_MAX - len("/state")
+        if size > limit:
+            raise ConfigError(f"--root: path too long: {size} bytes, at most {limit}")
+    for d in (layout.state_dir, layout.run_dir):
+        size = len(os.fsencode(d))
+        if size > DIR_PATH_MAX:
+            raise ConfigError(f"{d}: path too long: {size} bytes, at most {DIR_PATH_MAX}")
+
+
+def default_socket() -> tuple[Path, tuple[Path, ...]]:
+    """The socket a client uses when `--socket` does not say, and the per-user directories
+    on its way that the client must check (none for `$QVIRTD_SOCKET`: the user chose it)."""
+    env = os.environ.get("QVIRTD_SOCKET")
+    if env:
+        return Path(env), ()
+    layout = Layout.default()
+    where = layout.socket_path.parent
+    return layout.socket_path, tuple(d for d in layout.private_dirs
+                                     if d == where or d in where.parents)
 
 
 def default_socket_path() -> Path:
     """The socket a client uses when neither `--socket` nor `$QVIRTD_SOCKET` says otherwise."""
-    env = os.environ.get("QVIRTD_SOCKET")
-    if env:
-        return Path(env)
-    return Layout.default().socket_path
+    return default_socket()[0]

@@ -14,10 +14,11 @@ import logging
 import os
 import signal
 import socket
+import stat
 from pathlib import Path
 from typing import Any
 
-from .config import Layout, Settings
+from .config import ConfigError, Layout, Settings
 from .domain import Domain
 from .errors import ReplayGapError
 from .events import ReplayGap
@@ -37,14 +38,24 @@ log = logging.getLogger(__name__)
 
 
 def bind_socket(path: str, mode: int) -> socket.socket:
-    """Bind the control socket; a stale file left by a dead daemon is replaced, a live one not."""
-    if os.path.exists(path):
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    """Bind the control socket; a stale file left by a dead daemon is replaced, a live one not.
+    Anything else already at `path`, or a path bind() refuses, is a ConfigError (key named)."""
+    if os.path.lexists(path):
+        if not stat.S_ISSOCK(os.lstat(path).st_mode):
+            raise ConfigError(f"socket_path: {path} exists and is not a socket")
+        # Non-blocking (rule L6): a frozen daemon with a full backlog answers EAGAIN, which
+        # means someone listens there, instead of holding us in connect() for good.
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
         try:
             with short_path(Path(path)) as where:
-                probe.connect(where)
+                try:
+                    probe.connect(where)
+                except BlockingIOError:
+                    pass  # listening, backlog full: alive
         except (ConnectionRefusedError, FileNotFoundError):
             os.unlink(path)
+        except OSError as exc:
+            raise ConfigError(f"socket_path: cannot use {path}: {exc.strerror or exc}") from exc
         else:
             raise SystemExit(f"qvirtd: another daemon is listening on {path}")
         finally:
@@ -54,6 +65,9 @@ def bind_socket(path: str, mode: int) -> socket.socket:
     try:
         with short_path(Path(path)) as where:
             sock.bind(where)
+    except OSError as exc:
+        sock.close()
+        raise ConfigError(f"socket_path: cannot listen on {path}: {exc.strerror or exc}") from exc
     finally:
         os.umask(old)
     os.chmod(path, mode)
@@ -82,7 +96,11 @@ class Daemon:
         for d in (self.layout.state_dir, self.layout.run_dir, self.layout.log_dir,
                   self.layout.domains_run_dir):
             d.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self.layout.socket_path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
+        try:
+            self.layout.socket_path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
+        except OSError as exc:
+            raise ConfigError(f"socket_path: cannot create {self.layout.socket_path.parent}: "
+                              f"{exc.strerror or exc}") from exc
         self.ctx.store.prepare()
 
     async def _load_definitions(self) -> None:

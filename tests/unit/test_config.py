@@ -2,12 +2,24 @@
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
 import pytest
 
-from qvirtd.config import ConfigError, Layout, Settings, load_settings, resolve
+from qvirtd.config import (
+    DIR_PATH_MAX,
+    SOCKET_NAME_MAX,
+    ConfigError,
+    Layout,
+    Settings,
+    default_socket,
+    default_socket_path,
+    load_settings,
+    resolve,
+)
+from qvirtd.qemu.unixpath import SUN_PATH_MAX
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DOC_CONFIG = REPO_ROOT / "config" / "qvirtd.toml"
@@ -218,3 +230,153 @@ def test_resolve_socket_path_setting_moves_the_socket(tmp_path: Path) -> None:
     layout, _ = resolve(tmp_path, None)
     assert layout.socket_path == sock
     assert layout.run_dir == tmp_path / "run"
+
+
+# --- paths checked at start ----------------------------------------------------------------
+
+@pytest.mark.parametrize(
+    ("value", "problem"),
+    [
+        ("run/qvirtd.sock", "must be an absolute path"),
+        ("./qvirtd.sock", "must be an absolute path"),
+        ("~/qvirtd.sock", "must be an absolute path"),
+        ("/tmp/" + "f" * 120 + ".sock", "file name too long for a UNIX socket"),
+        ("/tmp/" + "g" * 300, "file name too long for a UNIX socket"),
+        ("/tmp/" + "d/" * 2100 + "x.sock", "too long: 4211 bytes"),
+    ],
+)
+def test_unusable_socket_path_is_refused_and_named(tmp_path: Path, value: str,
+                                                   problem: str) -> None:
+    path = write(tmp_path / "q.toml", f"socket_path = '{value}'\n")
+    with pytest.raises(ConfigError) as info:
+        load_settings(path)
+    assert "socket_path:" in str(info.value) and problem in str(info.value)
+
+
+def test_socket_path_with_a_nul_is_refused(tmp_path: Path) -> None:
+    path = write(tmp_path / "q.toml", 'socket_path = "/tmp/a\\u0000b.sock"\n')
+    with pytest.raises(ConfigError, match=r"socket_path: .*NUL"):
+        load_settings(path)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "/run/qvirtd.sock",
+        "/" + "d" * 150 + "/qvirtd.sock",  # a long path: bound through /proc/self/fd/N
+        "/" + "d" * 150 + "/" + "n" * SOCKET_NAME_MAX,  # the longest file name that works
+        "/t/" + "n" * 100,  # the whole path fits sun_path: any file name does
+    ],
+)
+def test_long_socket_paths_that_work_are_accepted(tmp_path: Path, value: str) -> None:
+    path = write(tmp_path / "q.toml", f"socket_path = '{value}'\n")
+    assert load_settings(path).socket_path == value
+
+
+def test_socket_name_limit_leaves_room_for_any_descriptor() -> None:
+    assert len(f"/proc/self/fd/{10**6 - 1}/" + "n" * SOCKET_NAME_MAX) <= SUN_PATH_MAX
+
+
+@pytest.mark.parametrize("value", ["bin/qemu", "./qemu-system-x86_64", "../qemu", ""])
+def test_relative_qemu_binary_is_refused_and_named(tmp_path: Path, value: str) -> None:
+    path = write(tmp_path / "q.toml", f"qemu_binary = '{value}'\n")
+    with pytest.raises(ConfigError, match="qemu_binary: "):
+        load_settings(path)
+
+
+@pytest.mark.parametrize("value", ["qemu-system-x86_64", "/usr/bin/qemu-system-x86_64"])
+def test_qemu_binary_name_or_absolute_is_accepted(tmp_path: Path, value: str) -> None:
+    path = write(tmp_path / "q.toml", f"qemu_binary = '{value}'\n")
+    assert load_settings(path).qemu_binary == value
+
+
+def deep_path(base: Path, size: int) -> Path:
+    """A path of exactly `size` bytes under `base`, in components of at most 200 bytes."""
+    path = str(base)
+    while len(path) < size:
+        path += "/" + "d" * min(200, size - len(path) - 1)
+    assert len(path.encode()) == size
+    return Path(path)
+
+
+def test_root_too_deep_for_its_files_is_refused(tmp_path: Path) -> None:
+    limit = DIR_PATH_MAX - len("/state")
+    deep = deep_path(tmp_path, limit + 1)  # never created: refused before any file access
+    with pytest.raises(ConfigError) as info:
+        resolve(deep, None)
+    assert str(info.value) == f"--root: path too long: {limit + 1} bytes, at most {limit}"
+
+
+def test_deep_root_within_the_limit_is_accepted(tmp_path: Path) -> None:
+    deep = deep_path(tmp_path, DIR_PATH_MAX - len("/state"))
+    layout, _ = resolve(deep, None)
+    assert layout.state_dir == deep / "state"
+
+
+def test_root_with_a_name_over_name_max_is_refused(tmp_path: Path) -> None:
+    root = tmp_path / ("n" * 300)
+    with pytest.raises(ConfigError, match=r"qvirtd\.toml: cannot read: File name too long"):
+        resolve(root, None)
+
+
+def test_root_that_is_not_utf8_is_refused(tmp_path: Path) -> None:
+    root = Path(os.fsdecode(os.fsencode(tmp_path) + b"/\xff\xfe"))
+    with pytest.raises(ConfigError, match=r"^--root: not a UTF-8 path: "):
+        resolve(root, None)
+    assert os.listdir(tmp_path) == []
+
+
+def test_resolve_socket_path_keeps_the_private_dirs(tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    fake_user(monkeypatch, tmp_path)
+    write(tmp_path / "elsewhere.toml", f"socket_path = '{tmp_path / 'ctl.sock'}'\n")
+    layout, _ = resolve(None, tmp_path / "elsewhere.toml")
+    assert layout.socket_path == tmp_path / "ctl.sock"
+    assert layout.private_dirs == Layout.default().private_dirs != ()
+
+
+# --- per-user directories ------------------------------------------------------------------
+
+FAKE_UID = 3_999_000
+
+
+def fake_user(monkeypatch: pytest.MonkeyPatch, home: Path, runtime: Path | None = None) -> None:
+    """Run the layout code as a non-root user (uid FAKE_UID) whose home is `home`."""
+    monkeypatch.setattr(os, "geteuid", lambda: FAKE_UID)
+    monkeypatch.setenv("HOME", str(home))
+    for var in ("XDG_CONFIG_HOME", "XDG_STATE_HOME", "QVIRTD_SOCKET"):
+        monkeypatch.delenv(var, raising=False)
+    if runtime is None:
+        monkeypatch.delenv("XDG_RUNTIME_DIR", raising=False)
+    else:
+        monkeypatch.setenv("XDG_RUNTIME_DIR", str(runtime))
+
+
+def test_root_flag_and_system_layouts_have_no_private_dirs(tmp_path: Path) -> None:
+    assert Layout.under_root(tmp_path).private_dirs == ()
+    assert os.geteuid() != 0 or Layout.default().private_dirs == ()
+
+
+def test_fallback_runtime_dir_is_private(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    fake_user(monkeypatch, tmp_path)
+    layout = Layout.default()
+    base = Path(f"/tmp/qvirtd-{FAKE_UID}")
+    assert layout.socket_path == base / "qvirtd" / "qvirtd.sock"
+    assert layout.private_dirs == (base, base / "qvirtd", tmp_path / ".local/state/qvirtd")
+    assert default_socket() == (layout.socket_path, (base, base / "qvirtd"))
+    assert default_socket_path() == layout.socket_path
+
+
+def test_xdg_runtime_dir_itself_is_not_ours(tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    fake_user(monkeypatch, tmp_path, runtime=tmp_path / "xdg")
+    layout = Layout.default()
+    assert layout.private_dirs == (tmp_path / "xdg/qvirtd", tmp_path / ".local/state/qvirtd")
+    assert default_socket() == (tmp_path / "xdg/qvirtd/qvirtd.sock", (tmp_path / "xdg/qvirtd",))
+
+
+def test_chosen_socket_is_not_checked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    fake_user(monkeypatch, tmp_path)
+    monkeypatch.setenv("QVIRTD_SOCKET", "/srv/shared/qvirtd.sock")
+    assert default_socket() == (Path("/srv/shared/qvirtd.sock"), ())
+
