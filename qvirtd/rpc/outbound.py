@@ -109,7 +109,8 @@ class Outbound:
 
     def _put(self, data: bytes, tally: Tally | None, in_transport: int) -> None:
         if not self._queue and in_transport <= HIGH_WATER:
-            self._transport.write(data)  # the client keeps up: straight through
+            if not self._write(data):  # the client keeps up: straight through
+                return
             if self._task is None and self._transport.get_write_buffer_size() > HIGH_WATER:
                 self._start()  # the transport is paused now: someone must watch the drain
             return
@@ -158,8 +159,18 @@ class Outbound:
             if tally is not None:
                 tally.queued -= 1
         self._queued_bytes -= size
-        self._transport.write(chunk[0] if len(chunk) == 1 else b"".join(chunk))
+        self._write(chunk[0] if len(chunk) == 1 else b"".join(chunk))
         self.pulse.fire()
+
+    def _write(self, data: bytes) -> bool:
+        """Into the transport; False if it is already gone (the peer closed: the serve loop
+        has not seen the EOF yet), and then the connection is closed."""
+        try:
+            self._transport.write(data)
+            return True
+        except (RuntimeError, ConnectionError, OSError):
+            self._on_stuck("")
+            return False
 
     async def until_empty(self) -> None:
         """Return once the queue is empty (or the connection closed); never drops anything."""
@@ -178,6 +189,7 @@ class Outbound:
         self.closed = True
         self._queue.clear()
         self._queued_bytes = 0
+        self.replies.queued = 0
         task = self._task
         if task is not None and task is not asyncio.current_task():
             task.cancel()

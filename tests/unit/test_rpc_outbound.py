@@ -125,3 +125,10 @@ async def test_close_drops_the_queue_and_the_writer() -> None:
     assert out.offer(line(10))  # dropped quietly: the client is gone
     assert conn.transport.get_write_buffer_size() == HIGH_WATER + 1
     assert [t for t in asyncio.all_tasks() if t.get_name() == "client-writer"] == []
+
+
+async def test_a_transport_the_peer_already_closed_closes_the_connection() -> None:
+    conn = FakeConnection()
+    conn.transport.closed = True  # writes now raise, as uvloop's do after the peer left
+    assert conn.outbound.offer(line(10))
+    assert conn.stuck == [""]
