@@ -11,7 +11,7 @@ import random
 from typing import Any
 
 import pytest
-from rpc_fakes import FakeConnection
+from test_rpc_outbound import FakeConnection
 
 from qvirtd.errors import ReplayGapError
 from qvirtd.events import EventBus
