@@ -16,6 +16,7 @@ from typing import Any, NoReturn
 from .client import Client, ConnectionLost, RpcError
 from .config import default_socket
 from .rootlock import UnsafeDirectory, check_private_dir
+from .rpc.limits import MAX_JSON_DEPTH, nested_deeper_than
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -212,10 +213,7 @@ async def run(args: argparse.Namespace) -> int:
             _print(args, r, f"Domain '{r['name']}' autostart "
                    + ("enabled" if r["autostart"] else "disabled"))
         elif c == "qemu-monitor-command":
-            try:
-                command = json.loads(args.command)
-            except json.JSONDecodeError as exc:
-                raise UsageError(f"command is not valid JSON: {exc}") from exc
+            command = _parse_json(args.command, "command")
             if not isinstance(command, dict):
                 raise UsageError("command must be a JSON object")
             r = await client.call("qemu-monitor-command", {"name": args.name,
@@ -285,8 +283,9 @@ async def _events(client: Client, args: argparse.Namespace) -> int:
         if msg is None:
             raise ConnectionLost("the daemon closed the connection")
         if msg.get("method") == "event-overflow":
-            raise RpcError(0, "event stream overflowed: this client fell behind and was "
-                           "dropped; re-read state")
+            params = msg.get("params") or {}
+            raise RpcError(0, str(params.get("message") or "event stream overflowed: this "
+                                  "client fell behind and was dropped; re-read state"))
         if msg.get("method") != "event":
             continue
         ev = msg["params"]
@@ -295,13 +294,28 @@ async def _events(client: Client, args: argparse.Namespace) -> int:
             return 0
 
 
+def _parse_json(text: str, what: str) -> Any:
+    """JSON from the user; too deep a nesting is refused here, as the daemon would."""
+    too_deep = UsageError(f"{what} is nested too deep (at most {MAX_JSON_DEPTH} levels)")
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"{what} is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise too_deep from None
+    if nested_deeper_than(value, MAX_JSON_DEPTH):
+        raise too_deep
+    return value
+
+
 def _read_definition(path: str) -> Any:
     try:
-        return json.loads(Path(path).read_text())
+        text = Path(path).read_text()
     except OSError as exc:
         raise UsageError(f"cannot read {path}: {exc.strerror}") from exc
-    except json.JSONDecodeError as exc:
+    except UnicodeDecodeError as exc:
         raise UsageError(f"{path} is not valid JSON: {exc}") from exc
+    return _parse_json(text, path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -324,6 +338,9 @@ def main(argv: list[str] | None = None) -> int:
         # stdout closed early (e.g. piped into head): not an error of ours.
         sys.stderr.close()
         return 0
+    except Exception as exc:  # never a traceback: one line, like every other error
+        print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return EXIT_FAILED
 
 
 if __name__ == "__main__":

@@ -2,6 +2,11 @@
 
 Several calls may be in flight on one connection; replies are matched by id. Notifications
 (`event`, `event-overflow`) go to a bounded queue that `next_event()` reads.
+
+An error reply with id null is the daemon saying it could not read a request of ours (parse
+error, message too large) or will not serve this connection (too many clients, idle): every
+call pending then fails with the daemon's own message, and so does every later call once the
+daemon has closed the connection.
 """
 
 from __future__ import annotations
@@ -30,6 +35,13 @@ class ConnectionLost(Exception):
     pass
 
 
+def _rpc_error(err: Any) -> RpcError:
+    if not isinstance(err, dict):
+        return RpcError(0, f"malformed error reply: {err!r}")
+    kind = (err.get("data") or {}).get("kind")
+    return RpcError(err.get("code", 0), err.get("message", "unknown error"), kind)
+
+
 class Client:
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._reader = reader
@@ -37,6 +49,8 @@ class Client:
         self._ids = itertools.count(1)
         self._pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
         self.notifications: asyncio.Queue[dict[str, Any]] = asyncio.Queue(maxsize=100000)
+        self._daemon_error: RpcError | None = None  # the last error reply with id null
+        self._closed_error: Exception | None = None  # set once the connection is gone
         self._reader_task = asyncio.create_task(self._read_loop())
 
     @classmethod
@@ -60,39 +74,58 @@ class Client:
                     break
                 msg = json.loads(line)
                 if "id" in msg and ("result" in msg or "error" in msg):
-                    fut = self._pending.pop(msg["id"], None) if msg["id"] is not None else None
+                    if msg["id"] is None:
+                        if "error" in msg:
+                            # Not tied to a request: it concerns whatever is pending.
+                            self._daemon_error = _rpc_error(msg["error"])
+                            self._fail_pending(self._daemon_error)
+                            with contextlib.suppress(asyncio.QueueFull):
+                                self.notifications.put_nowait(msg)
+                        continue
+                    self._daemon_error = None
+                    fut = self._pending.pop(msg["id"], None)
                     if fut is not None and not fut.done():
                         fut.set_result(msg)
-                    elif msg["id"] is None and "error" in msg:
-                        # An error the daemon could not tie to a request (parse error, ...).
-                        with contextlib.suppress(asyncio.QueueFull):
-                            self.notifications.put_nowait(msg)
                 elif "method" in msg:
                     with contextlib.suppress(asyncio.QueueFull):
                         self.notifications.put_nowait(msg)
-        except (ConnectionError, json.JSONDecodeError, ValueError) as exc:
+        except (ConnectionError, ValueError, RecursionError) as exc:
             error = ConnectionLost(f"connection to qvirtd broken: {exc}")
         finally:
-            for fut in self._pending.values():
-                if not fut.done():
-                    fut.set_exception(error)
-            self._pending.clear()
+            # The daemon's own words, if it said why before it closed the connection.
+            if self._daemon_error is not None:
+                error = self._daemon_error
+            self._closed_error = error
+            self._fail_pending(error)
             with contextlib.suppress(asyncio.QueueFull):
                 self.notifications.put_nowait({"method": "__closed__"})
 
+    def _fail_pending(self, error: Exception) -> None:
+        for fut in self._pending.values():
+            if not fut.done():
+                fut.set_exception(error)
+        self._pending.clear()
+
     async def call(self, method: str, params: dict[str, Any] | None = None,
                    timeout_s: float | None = None) -> Any:
+        if self._closed_error is not None:
+            raise self._closed_error
         req_id = next(self._ids)
+        msg = {"jsonrpc": "2.0", "id": req_id, "method": method, "params": params or {}}
+        data = json.dumps(msg).encode() + b"\n"
         fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._pending[req_id] = fut
-        msg = {"jsonrpc": "2.0", "id": req_id, "method": method, "params": params or {}}
-        self._writer.write(json.dumps(msg).encode() + b"\n")
-        await self._writer.drain()
-        reply = await asyncio.wait_for(fut, timeout_s) if timeout_s else await fut
+        try:
+            self._writer.write(data)
+            await self._writer.drain()
+        except (ConnectionError, RuntimeError):
+            pass  # the connection is gone: the reader fails `fut`, with the daemon's reason
+        try:
+            reply = await asyncio.wait_for(fut, timeout_s) if timeout_s else await fut
+        finally:
+            self._pending.pop(req_id, None)
         if "error" in reply:
-            err = reply["error"]
-            kind = (err.get("data") or {}).get("kind")
-            raise RpcError(err.get("code", 0), err.get("message", "unknown error"), kind)
+            raise _rpc_error(reply["error"])
         return reply["result"]
 
     async def next_event(self, timeout_s: float | None = None) -> dict[str, Any] | None:

@@ -52,6 +52,10 @@ class Settings(BaseModel):
     event_replay_buffer: Annotated[int, Field(ge=0, le=1_000_000)] = 10000
     lock_check: bool = False
     log_level: str = "info"
+    client_outbound_max_bytes: Annotated[int, Field(ge=64 * 1024, le=1024 * 1024 * 1024)] = (
+        4 * 1024 * 1024)
+    max_clients: Annotated[int, Field(ge=1, le=100_000)] = 256
+    client_idle_timeout_s: Annotated[float, Field(ge=0, le=86400)] = 300.0
     console_log_max_bytes: Annotated[int, Field(ge=4096, le=1024 * 1024 * 1024)] = 1024 * 1024
     test_phase_delay_s: Annotated[float, Field(ge=0, le=60)] = 0.0
 

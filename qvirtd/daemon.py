@@ -20,8 +20,6 @@ from typing import Any
 
 from .config import ConfigError, Layout, Settings
 from .domain import Domain
-from .errors import ReplayGapError
-from .events import ReplayGap
 from .locks import LockWatch
 from .ops.context import Context
 from .ops.devices import Devices
@@ -32,6 +30,7 @@ from .qemu.monitor import quieten_library_logging
 from .qemu.unixpath import short_path
 from .rpc.methods import EventParams, build_methods
 from .rpc.server import Connection, RpcServer
+from .rpc.streams import subscribe_events
 from .systemd import listen_fds, sd_notify, watchdog_interval
 
 log = logging.getLogger(__name__)
@@ -89,7 +88,7 @@ class Daemon:
                                 settings.max_message_bytes,
                                 settings.max_requests_in_flight,
                                 {"event": (EventParams, self._subscribe_events)},
-                                settings.client_write_timeout_s)
+                                settings.client_write_timeout_s, settings=settings)
         self._stop = asyncio.Event()
 
     def _prepare_dirs(self) -> None:
@@ -115,29 +114,9 @@ class Daemon:
         log.info("loaded %d domain definitions", len(self.ctx.table))
 
     async def _subscribe_events(self, conn: Connection, params: EventParams) -> Any:
-        """`event` method: stream events to this connection as `event` notifications."""
-        try:
-            sub = self.ctx.bus.subscribe([params.domain] if params.domain else None, params.events,
-                                        since_seq=params.since_seq)
-        except ReplayGap as exc:
-            raise ReplayGapError(str(exc)) from None
-
-        async def forward() -> None:
-            try:
-                while not conn.closed:
-                    ev = await sub.get()
-                    if ev is None:
-                        if sub.overflowed:
-                            await conn.send({"jsonrpc": "2.0", "method": "event-overflow",
-                                             "params": {"last_seq": self.ctx.bus.last_seq}})
-                        return
-                    batch = [ev, *sub.take_ready()]
-                    await conn.send_line(b"".join(e.notification() for e in batch))
-            finally:
-                sub.close()
-
-        self.ctx.spawn(forward(), "event-forward")
-        return {"subscribed": True, "last_seq": self.ctx.bus.last_seq}
+        """`event` method: stream events to this connection (rpc/streams.py)."""
+        return await subscribe_events(self.ctx.bus, conn, params.domain, params.events,
+                                      params.since_seq)
 
     async def run(self) -> int:
         LockWatch.strict = self.settings.lock_check

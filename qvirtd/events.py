@@ -10,6 +10,12 @@ delivery loop is done (the "safe point").
 Each subscriber has a bounded queue. A subscriber that falls behind is told it overflowed and
 is dropped, so a stuck client can never make the daemon's memory grow or delay the others.
 A bounded replay buffer lets a client that reconnects resume from the last `seq` it saw.
+
+Exactly once: `flushed_seq` is the last event handed to the subscribers of a flush; every
+later one is still pending and goes to whoever is subscribed when the next flush runs. A
+replay therefore covers the buffered events up to `flushed_seq` and the subscription joins
+the live list in the same synchronous step (`open_stream` / `replay`), so each event comes
+once, from the replay or from the flush, never from both and never from neither.
 """
 
 from __future__ import annotations
@@ -74,6 +80,7 @@ class Subscription:
         kinds: Iterable[str] | None,
         callback: Callable[[Event], None] | None,
         maxsize: int,
+        after_seq: int = 0,
     ) -> None:
         self.bus = bus
         self.domains = frozenset(domains) if domains else None
@@ -84,6 +91,11 @@ class Subscription:
         self.ready = asyncio.Event()
         self.deleted = False
         self.overflowed = False
+        # Events up to this seq never reach it (they were replayed, or came before it).
+        self.after_seq = after_seq
+        # While replaying (`EventBus.open_stream`): the last seq the replay has looked at.
+        self.cursor = after_seq
+        self.live = True
 
     def matches(self, event: Event) -> bool:
         if self.domains is not None and not (
@@ -94,6 +106,8 @@ class Subscription:
 
     def deliver(self, event: Event) -> None:
         """Called by the flush with no lock held; never blocks."""
+        if self.deleted:  # dropped earlier in this delivery: nothing more, ever
+            return
         if self.callback is not None:
             try:
                 self.callback(event)
@@ -131,6 +145,10 @@ class Subscription:
 class ReplayGap(Exception):
     """The events after the requested `seq` are no longer buffered: re-read state."""
 
+    def __init__(self, message: str, after_seq: int) -> None:
+        super().__init__(message)
+        self.after_seq = after_seq  # the events after this seq are lost
+
 
 class EventBus:
     """The event queue, its flush timer and the subscribers."""
@@ -143,7 +161,11 @@ class EventBus:
         self.last_seq = 0
         self._pending: list[Event] = []
         self._replay: collections.deque[Event] = collections.deque(maxlen=replay_size)
+        # Every event up to this seq has been handed to the subscribers of its flush.
+        self.flushed_seq = 0
+        # Replaced, never changed in place: a flush walks the list it started with.
         self._subs: list[Subscription] = []
+        self._replaying: set[Subscription] = set()
         self._timer: asyncio.TimerHandle | asyncio.Handle | None = None
         self._dispatching = False
         self.delivered = 0
@@ -181,11 +203,16 @@ class EventBus:
         """The flush timer: deliver queued events. A loop callback holds no lock (rule E1)."""
         self._timer = None
         batch, self._pending = self._pending, []
+        if not batch:
+            return
+        self.flushed_seq = batch[-1].seq
+        subs = self._subs  # who was subscribed when the flush began
         self._dispatching = True
         try:
             for ev in batch:
-                for sub in self._subs:
-                    if not sub.deleted and sub.matches(ev):
+                seq = ev.seq
+                for sub in subs:
+                    if not sub.deleted and seq > sub.after_seq and sub.matches(ev):
                         sub.deliver(ev)
                         self.delivered += 1
         finally:
@@ -200,26 +227,109 @@ class EventBus:
     def subscribe(self, domains: Iterable[str] | None = None, kinds: Iterable[str] | None = None,
                   callback: Callable[[Event], None] | None = None,
                   since_seq: int | None = None) -> Subscription:
-        """Add a subscriber; with `since_seq`, first replay the buffered events after it."""
-        sub = Subscription(self, domains, kinds, callback, self.queue_per_subscriber)
+        """Add a subscriber (in-process); with `since_seq`, first replay the buffered events
+        after it, at once (a queue subscriber whose queue cannot hold them overflows)."""
+        after = 0 if since_seq is None else min(since_seq, self.last_seq)
+        sub = Subscription(self, domains, kinds, callback, self.queue_per_subscriber, after)
         if since_seq is not None and since_seq < self.last_seq:
-            oldest = self._replay[0].seq if self._replay else self.last_seq + 1
-            if oldest > since_seq + 1:
-                raise ReplayGap(f"events after seq {since_seq} are no longer buffered "
-                                f"(oldest is {oldest}); re-read state")
-            # Events still pending will come through the flush; replay only delivered ones.
-            pending = {e.seq for e in self._pending}
-            for ev in self._replay:
-                if ev.seq > since_seq and ev.seq not in pending and sub.matches(ev):
+            self._check_gap(since_seq)
+            # Events after flushed_seq are pending: the next flush delivers them.
+            for ev in self._buffered_after(since_seq):
+                if ev.seq > self.flushed_seq:
+                    break
+                if sub.matches(ev):
                     sub.deliver(ev)
-        self._subs.append(sub)
+        self._subs = [*self._subs, sub]
         return sub
+
+    def open_stream(self, domains: Iterable[str] | None, kinds: Iterable[str] | None,
+                    callback: Callable[[Event], None],
+                    since_seq: int | None = None) -> Subscription:
+        """A subscription for a client, which takes its events at its own pace.
+
+        Without `since_seq` it is live at once and gets exactly the events after `last_seq`
+        (as it is now, what the client is told). With `since_seq`, the events after it are
+        replayed first: the caller pulls them with `replay()` as the client has room, and
+        the subscription goes live by itself when the replay has caught up. Raises
+        `ReplayGap` if those events are no longer buffered."""
+        if since_seq is None:
+            sub = Subscription(self, domains, kinds, callback, self.queue_per_subscriber,
+                               after_seq=self.last_seq)
+            self._subs = [*self._subs, sub]
+            return sub
+        # A seq from an earlier daemon (higher than ours): everything from now on.
+        cursor = min(since_seq, self.last_seq)
+        sub = Subscription(self, domains, kinds, callback, self.queue_per_subscriber,
+                           after_seq=cursor)
+        if cursor < self.flushed_seq:
+            self._check_gap(cursor)
+            sub.live = False
+            self._replaying.add(sub)
+        else:
+            self._subs = [*self._subs, sub]
+        return sub
+
+    def replay(self, sub: Subscription, max_events: int,
+               max_bytes: int) -> tuple[list[Event], bool]:
+        """The next buffered events of a replaying subscription, in order: at most
+        `max_events` matching ones, stopping once they add up to `max_bytes` on the wire.
+
+        Returns (events, live): `live` is True once the replay has reached every event
+        already flushed; the subscription is then live, in this same synchronous step, and
+        the next flush brings it the events still pending (so none is missed or repeated).
+        Raises `ReplayGap` (and drops the subscription) if the buffer rolled past the
+        replay's cursor while the client was reading (a very slow client)."""
+        if sub.deleted or sub.live:
+            return [], sub.live
+        try:
+            self._check_gap(sub.cursor)
+        except ReplayGap:
+            sub.overflowed = True
+            self.unsubscribe(sub)
+            raise
+        out: list[Event] = []
+        size = 0
+        cursor = sub.cursor
+        flushed = self.flushed_seq
+        for ev in self._buffered_after(cursor):
+            if ev.seq > flushed:
+                break
+            cursor = ev.seq
+            if sub.matches(ev):
+                out.append(ev)
+                size += len(ev.notification())
+                if len(out) >= max_events or size >= max_bytes:
+                    break
+        sub.cursor = cursor
+        if cursor >= flushed:
+            self._replaying.discard(sub)
+            sub.after_seq = cursor
+            sub.live = True
+            self._subs = [*self._subs, sub]
+        return out, sub.live
+
+    def _check_gap(self, after_seq: int) -> None:
+        """Raise ReplayGap unless every event after `after_seq` is still buffered."""
+        if after_seq >= self.last_seq:
+            return
+        oldest = self._replay[0].seq if self._replay else self.last_seq + 1
+        if oldest > after_seq + 1:
+            raise ReplayGap(f"events after seq {after_seq} are no longer buffered "
+                            f"(oldest is {oldest}); re-read state", after_seq)
+
+    def _buffered_after(self, after_seq: int) -> Iterable[Event]:
+        """The buffered events after `after_seq` (their seqs are consecutive)."""
+        if not self._replay:
+            return ()
+        start = max(0, after_seq + 1 - self._replay[0].seq)
+        return itertools.islice(self._replay, start, None)
 
     def unsubscribe(self, sub: Subscription) -> None:
         """Mark only; the list is purged at the next safe point (never mid-delivery)."""
         if sub.deleted:
             return
         sub.deleted = True
+        self._replaying.discard(sub)
         if sub.overflowed:
             self.dropped_subscribers += 1
         sub.ready.set()
@@ -228,4 +338,5 @@ class EventBus:
 
     @property
     def subscriber_count(self) -> int:
-        return sum(1 for s in self._subs if not s.deleted)
+        """Live subscribers and those still replaying."""
+        return sum(1 for s in self._subs if not s.deleted) + len(self._replaying)

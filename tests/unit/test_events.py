@@ -343,3 +343,78 @@ async def test_replay_gap_without_replay_buffer() -> None:
     with pytest.raises(ReplayGap):
         bus.subscribe(since_seq=1)
     assert drain(bus.subscribe(since_seq=2)) == []
+
+
+async def test_a_replay_longer_than_the_queue_overflows_visibly_not_silently() -> None:
+    # Once dropped, a queue subscriber gets nothing more: no later events after a hole.
+    bus = EventBus(queue_per_subscriber=10, replay_size=100)
+    push(bus, 50)
+    await flush()
+    sub = bus.subscribe(since_seq=0)
+    assert sub.overflowed and sub.deleted
+    assert len(sub.queue) == 0
+    assert bus.dropped_subscribers == 1
+
+
+async def test_flushed_seq_follows_the_flush() -> None:
+    bus = EventBus()
+    push(bus, 3)
+    assert bus.flushed_seq == 0
+    await flush()
+    assert bus.flushed_seq == 3
+
+
+async def test_open_stream_replays_then_goes_live_in_the_same_step() -> None:
+    bus = EventBus(replay_size=100)
+    got: list[Event] = []
+    push(bus, 10)
+    await flush()
+    push(bus, 2)  # pending
+    sub = bus.open_stream(None, None, got.append, since_seq=4)
+    assert not sub.live and bus.subscriber_count == 1
+    events, live = bus.replay(sub, max_events=3, max_bytes=1 << 20)
+    assert [e.seq for e in events] == [5, 6, 7] and not live
+    events, live = bus.replay(sub, max_events=100, max_bytes=1 << 20)
+    assert [e.seq for e in events] == [8, 9, 10] and live  # 11, 12 are still pending
+    await flush()
+    assert [e.seq for e in got] == [11, 12]
+
+
+async def test_replay_stops_at_max_bytes() -> None:
+    bus = EventBus(replay_size=100)
+    push(bus, 10)
+    await flush()
+    sub = bus.open_stream(None, None, lambda ev: None, since_seq=0)
+    one = len(bus._replay[0].notification())
+    events, live = bus.replay(sub, max_events=100, max_bytes=2 * one)
+    assert len(events) == 2 and not live
+
+
+async def test_replay_that_falls_out_of_the_buffer_raises_and_drops_the_subscription() -> None:
+    bus = EventBus(replay_size=5)
+    push(bus, 5)
+    await flush()
+    sub = bus.open_stream(None, None, lambda ev: None, since_seq=0)
+    bus.replay(sub, max_events=2, max_bytes=1 << 20)  # cursor at 2
+    push(bus, 5)
+    await flush()  # seq 3 is gone
+    with pytest.raises(ReplayGap) as gap:
+        bus.replay(sub, max_events=2, max_bytes=1 << 20)
+    assert gap.value.after_seq == 2
+    assert sub.deleted and bus.subscriber_count == 0 and bus.dropped_subscribers == 1
+
+
+async def test_subscribing_during_a_flush_gets_each_event_once() -> None:
+    bus = EventBus(replay_size=100)
+    late: list[Event] = []
+
+    def subscribe_on_first(ev: Event) -> None:
+        if ev.seq == 1:
+            bus.subscribe(callback=late.append, since_seq=0)
+
+    bus.subscribe(callback=subscribe_on_first)
+    push(bus, 3)  # one batch: the late subscriber joins while it is being delivered
+    await flush()
+    push(bus)
+    await flush()
+    assert [e.seq for e in late] == [1, 2, 3, 4]
