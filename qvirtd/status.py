@@ -21,7 +21,6 @@ from __future__ import annotations
 import datetime
 import json
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -67,7 +66,7 @@ class DomainStatus(Lenient):
     run_token: str = ""
     pid: int | None
     start_time: int | None          # clock ticks since boot, from /proc/PID/stat
-    binary: str                     # the QEMU executable, resolved
+    binary: str                     # what the process runs (/proc/PID/exe), else qemu_binary
     run_dir: str
     id: int
     state: DomainState = DomainState.PAUSED
@@ -164,11 +163,3 @@ def scan_statuses(domains_run_dir: Path) -> list[FoundStatus]:
         found.append(item)
     return found
 
-
-def process_binary(pid: int) -> str | None:
-    """The executable of `pid` (without the " (deleted)" an upgrade leaves behind)."""
-    try:
-        exe = os.readlink(f"/proc/{pid}/exe")
-    except OSError:
-        return None
-    return exe.removesuffix(" (deleted)")

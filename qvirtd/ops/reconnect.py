@@ -40,17 +40,21 @@ from ..domain import Domain
 from ..errors import QvirtError
 from ..job import AsyncJobKind, Job, JobKind
 from ..model import Reason
-from ..qemu.process import QemuProcess, proc_start_time, proc_state, qemu_processes
+from ..qemu.process import (
+    QemuProcess,
+    proc_start_time,
+    proc_state,
+    process_binary,
+    qemu_processes,
+)
 from ..run import Run
-from ..status import DomainStatus, FoundStatus, process_binary, scan_statuses
+from ..status import DomainStatus, FoundStatus, scan_statuses
 from . import qmp_events
 from .context import Context
 from .devices import reconcile
 from .runtime import Runtime, end_reason
 
 log = logging.getLogger(__name__)
-
-MONITOR_RETRY_S = 5.0
 
 
 def our_process(pid: int | None, start_time: int | None, binary: str | None) -> QemuProcess | None:
@@ -254,7 +258,7 @@ class Reconnector:
         """A QEMU that did not answer at reconnect: try again now and then while it lives
         (the task belongs to the run, so it ends with it)."""
         while True:
-            await asyncio.sleep(MONITOR_RETRY_S)
+            await asyncio.sleep(self.ctx.settings.monitor_reconnect_interval_s)
             try:
                 async with self.ctx.job(dom, JobKind.MODIFY, "reconnect (retry)"):
                     async with dom.lock:  # L5

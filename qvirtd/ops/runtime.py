@@ -38,7 +38,13 @@ from ..qemu.accel import cpu_model, resolve_accel
 from ..qemu.argv import LaunchPaths, build_argv, port_plan, root_port_id, total_ports
 from ..qemu.console import ConsoleLog
 from ..qemu.monitor import Monitor
-from ..qemu.process import QemuProcess, describe_status, find_qemus, uuid_needle
+from ..qemu.process import (
+    QemuProcess,
+    describe_status,
+    find_qemus,
+    process_binary,
+    uuid_needle,
+)
 from ..qemu.unixpath import short_path
 from ..run import CONSOLE_LOG, FollowUp, FollowUpKind, QmpQueue, Run
 from ..status import status_path
@@ -117,11 +123,16 @@ class Runtime:
 
     async def enter_phase(self, dom: Domain, run: Run, job: AsyncJob, phase: str) -> None:
         """Record the async job's new phase in the status file (rule L3), then give the
-        test hook `test_phase_delay_s` its pause (zero outside tests)."""
+        test hook its pause."""
         async with dom.lock:  # L3
             self.ctx.ensure_current(dom, run, str(job.kind))
             job.set_phase(phase)
             self.ctx.save_status(dom, run)
+        await self.test_pause()
+
+    async def test_pause(self) -> None:
+        """Fault injection for tests (`test_phase_delay_s`, zero outside tests): hold each
+        phase of an async job this long, so a test can kill the daemon inside it."""
         delay = self.ctx.settings.test_phase_delay_s
         if delay > 0:
             await asyncio.sleep(delay)
@@ -178,6 +189,7 @@ class Runtime:
                 ctx.set_state(dom, DomainState.PAUSED, Reason.STARTING_UP)
             # A daemon killed from here on finds this record and rolls the start back.
             await ctx.status_barrier(run)
+            await self.test_pause()
             listeners = [_listener(run.monitor_socket), _listener(run.console_socket)]
             argv = build_argv(definition, accel, settings.qemu_binary, listeners[0].fileno(),
                               LaunchPaths(run_dir), cpu, listeners[1].fileno())
@@ -257,6 +269,10 @@ class Runtime:
             monitor = run.monitor
         assert monitor is not None
         await monitor.connect(run.monitor_socket, settings.monitor_connect_timeout_s)
+        if run.process is not None:
+            # QEMU answers: whatever wrapper started it has exec'd it by now. This is the
+            # executable a restarted daemon will expect behind the pid.
+            run.process.exe = process_binary(run.process.pid)
         await self.connect_console(dom, run)
 
     async def connect_console(self, dom: Domain, run: Run) -> None:
@@ -471,13 +487,12 @@ class Runtime:
     async def _reset_continue(self, dom: Domain, run: Run, why: str) -> None:
         """Reset and continue in the same QEMU (libvirt's fake reboot); caller holds a job."""
         ctx = self.ctx
-        async with dom.lock:  # L5
-            ctx.ensure_current(dom, run, why)
-            run.fake_reboot = False
-            ctx.save_status(dom, run)
         await ctx.qmp(dom, run, "system_reset", what=why)
         await ctx.qmp(dom, run, "cont", what=why)
         async with dom.lock:  # L5
             ctx.ensure_current(dom, run, why)
+            # Only now: until the guest runs again the reboot is still owed (a restarted
+            # daemon that finds it powered off must reset it, not apply on_poweroff).
+            run.fake_reboot = False
             # As libvirt's fake reboot: running again, announced as resumed/unpaused.
             ctx.set_state(dom, DomainState.RUNNING, Reason.BOOTED, ("resumed", "unpaused"))

@@ -36,6 +36,15 @@ def proc_start_time(pid: int) -> int | None:
     return int(rest[19])  # field 22 overall
 
 
+def process_binary(pid: int) -> str | None:
+    """The executable of `pid` (without the " (deleted)" an upgrade leaves behind)."""
+    try:
+        exe = os.readlink(f"/proc/{pid}/exe")
+    except OSError:
+        return None
+    return exe.removesuffix(" (deleted)")
+
+
 def proc_state(pid: int) -> str | None:
     """The one-letter process state from /proc (R, S, D, T for stopped, Z, ...)."""
     try:
@@ -99,6 +108,9 @@ class QemuProcess:
         self.pid = pid
         self.popen = popen
         self.start_time = proc_start_time(pid)
+        # What the process really runs (/proc/PID/exe), read once: QEMU itself, or the
+        # interpreter of a wrapper script. A restarted daemon compares it (pid reuse).
+        self.exe = process_binary(pid)
         loop = asyncio.get_running_loop()
         self.exited: asyncio.Future[int | None] = loop.create_future()
         try:

@@ -108,6 +108,12 @@ class Daemon:
                                  f"{res.stderr.strip()}")
         return res
 
+    def qvirsh_async(self, *args: str) -> subprocess.Popen[str]:
+        """Run qvirsh without waiting for it (the caller waits, and reads its output)."""
+        return subprocess.Popen([sys.executable, "-m", "qvirtd.cli", "--socket",
+                                 str(self.socket), *args], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+
     def json(self, *args: str) -> Any:
         return json.loads(self.qvirsh(*args, "--json").stdout)
 
