@@ -32,6 +32,7 @@ from ..events import EventBus
 from ..job import AsyncJob, AsyncJobKind, Job, JobKind
 from ..locks import check_no_locks
 from ..model import DomainState, Reason
+from ..qemu.process import ProcessTable
 from ..run import Run
 from ..status import status_path
 from ..store import DefinitionStore
@@ -52,6 +53,7 @@ class Context:
                             settings.event_replay_buffer)
         self.writer = FileWriter()
         self.store = DefinitionStore(layout.definitions_dir, layout.autostart_dir, self.writer)
+        self.processes = ProcessTable()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._qemu_time: float | None = None
         found = shutil.which(settings.qemu_binary)

@@ -219,6 +219,8 @@ class Devices:
                 async with dom.lock:  # fast lock
                     dom.persistent_def = new_persistent
                     ctx.emit(dom, "lifecycle", "defined", "updated")
+        log.info("domain %s: device %s attached (%s) by %s", dom.name, device.id,
+                 "live" if not config else "config" if not live else "live and config", owner)
         return {"name": dom.name, "device": device.id, "live": live, "config": config}
 
     async def _described(self, dom: Domain, run: Run, device_id: str) -> None:
@@ -355,6 +357,8 @@ class Devices:
                 async with dom.lock:  # fast lock
                     dom.persistent_def = new_persistent
                     ctx.emit(dom, "lifecycle", "defined", "updated")
+        log.info("domain %s: device %s detach by %s: %s", dom.name, device_id, owner,
+                 "removed" if removed else "pending" if live else "from the definition")
         return {"name": dom.name, "device": device_id, "live": live,
                 "removed": removed if live else None, "pending": live and not removed,
                 "config": config and in_config}
@@ -400,4 +404,6 @@ class Devices:
             await ctx.qmp(dom, run, "blockdev-close-tray", {"id": cdrom_id})
             async with dom.lock:  # fast lock
                 ctx.emit(dom, "tray-change", data={"device": cdrom_id, "medium": path})
+        log.info("domain %s: CD-ROM %s medium %s by %s", dom.name, cdrom_id, path or "ejected",
+                 owner)
         return {"name": dom.name, "device": cdrom_id, "medium": path}

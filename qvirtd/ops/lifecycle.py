@@ -2,7 +2,8 @@
 
 Each public method is one API operation. The RPC layer runs each call as its own task, so a
 client that goes away does not cancel an operation half-way. `owner` names the operation and
-its client for job diagnostics ("suspend (client pid 42)").
+its client for job diagnostics and logs ("suspend (client pid 42 uid 0)"): every change to a
+domain is logged with it.
 """
 
 from __future__ import annotations

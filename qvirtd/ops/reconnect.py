@@ -45,7 +45,6 @@ from ..qemu.process import (
     proc_start_time,
     proc_state,
     process_binary,
-    qemu_processes,
 )
 from ..run import Run
 from ..status import DomainStatus, FoundStatus, scan_statuses
@@ -87,7 +86,7 @@ class Reconnector:
         ctx = self.ctx
         runs_dir = ctx.layout.domains_run_dir
         found, processes = await asyncio.gather(asyncio.to_thread(scan_statuses, runs_dir),
-                                                asyncio.to_thread(qemu_processes))
+                                                ctx.processes.scan())
         accounted: set[int] = set()
         tasks: list[asyncio.Task[None]] = []
         for item in found:

@@ -41,7 +41,6 @@ from ..qemu.monitor import Monitor
 from ..qemu.process import (
     QemuProcess,
     describe_status,
-    find_qemus,
     process_binary,
     uuid_needle,
 )
@@ -141,7 +140,8 @@ class Runtime:
         """The process table is the authority: refuse to start a domain when a QEMU with its
         uuid, or one using its run directory, is alive (a run we lost track of, a damaged
         status file, another daemon)."""
-        found = await find_qemus([uuid_needle(dom.uuid), str(run_dir).encode() + b"/"])
+        found = await self.ctx.processes.find([uuid_needle(dom.uuid),
+                                               str(run_dir).encode() + b"/"])
         if found:
             pids = ", ".join(str(pid) for pid, _ in found)
             raise DomainBusyError(
@@ -199,7 +199,8 @@ class Runtime:
                                               run_dir)
             async with dom.lock:  # L3: the run has a process now (the status records its pid)
                 self.attach(dom, run, process)
-            log.info("domain %s: QEMU pid %d started (accel %s)", dom.name, process.pid, accel)
+            log.info("domain %s: QEMU pid %d started (accel %s) for %s", dom.name, process.pid,
+                     accel, job.owner)
             await self.enter_phase(dom, run, job, "connect")
             await job.abortable(self.connect(dom, run))
             if not paused:

@@ -82,12 +82,58 @@ def uuid_needle(uuid: str) -> bytes:
     return b"\0-uuid\0" + uuid.encode() + b"\0"
 
 
-async def find_qemus(needles: list[bytes]) -> list[tuple[int, bytes]]:
-    """Off the loop: live QEMUs whose command line contains any of `needles`."""
-    def scan() -> list[tuple[int, bytes]]:
-        return [(pid, cmd) for pid, cmd in qemu_processes()
+class ProcessTable:
+    """Scans of /proc for live QEMUs, off the loop, shared between concurrent callers.
+
+    A caller never gets a scan that began before it asked (it could miss a QEMU spawned just
+    before): one that asks while a scan runs waits for the next one, which all such callers
+    share. So 50 concurrent starts cost two or three scans, not fifty, and each still sees
+    the process table as it was after its own question."""
+
+    def __init__(self) -> None:
+        self._running: asyncio.Future[list[tuple[int, bytes]]] | None = None
+        self._next: asyncio.Future[list[tuple[int, bytes]]] | None = None
+        self.scans = 0
+
+    async def scan(self) -> list[tuple[int, bytes]]:
+        loop = asyncio.get_running_loop()
+        if self._running is None:
+            self._running = self._start(loop)
+            return await asyncio.shield(self._running)
+        if self._next is None:
+            self._next = loop.create_future()
+        return await asyncio.shield(self._next)
+
+    def _start(self, loop: asyncio.AbstractEventLoop) -> asyncio.Future[list[tuple[int, bytes]]]:
+        self.scans += 1
+        work = loop.run_in_executor(None, qemu_processes)
+        work.add_done_callback(lambda _f: self._done(loop))
+        return work
+
+    def _done(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._running = None
+        waiting, self._next = self._next, None
+        if waiting is None:
+            return
+        self._running = self._start(loop)
+        self._running.add_done_callback(lambda f: _settle(waiting, f))
+
+    async def find(self, needles: list[bytes]) -> list[tuple[int, bytes]]:
+        """Live QEMUs whose command line contains any of `needles`."""
+        return [(pid, cmd) for pid, cmd in await self.scan()
                 if any(needle in cmd for needle in needles)]
-    return await asyncio.to_thread(scan)
+
+
+def _settle(target: asyncio.Future[list[tuple[int, bytes]]],
+            source: asyncio.Future[list[tuple[int, bytes]]]) -> None:
+    if target.done():
+        return
+    if source.cancelled():
+        target.cancel()
+    elif source.exception() is not None:
+        target.set_exception(source.exception())  # type: ignore[arg-type]
+    else:
+        target.set_result(source.result())
 
 
 def describe_status(status: int | None) -> str:

@@ -103,7 +103,8 @@ class Caller:
     uid: int | None
 
     def owner(self, method: str) -> str:
-        return f"{method} (client pid {self.pid})" if self.pid else method
+        """Who asked, as jobs, errors and logs name it: "start (client pid 42 uid 0)"."""
+        return f"{method} (client pid {self.pid} uid {self.uid})" if self.pid else method
 
 
 Handler = Callable[[Any, Caller], Awaitable[Any]]
