@@ -102,22 +102,38 @@ def remove_file(path: Path, durable: bool = True) -> None:
         os.unlink(path)
     except FileNotFoundError:
         return
+    except OSError:
+        # A read-only filesystem refuses (EROFS) even to remove what is not there: absent
+        # is still fine. Anything that is there, or cannot be looked at, is an error.
+        try:
+            os.lstat(path)
+        except FileNotFoundError:
+            return
+        raise
     if durable:
         _fsync_dir(path.parent)
 
 
 def append_capped(path: Path, data: bytes, max_bytes: int) -> None:
     """Blocking: append `data` to a log, rotating it to PATH.1 first when it would pass
-    `max_bytes` (one old generation is kept; the pair never exceeds twice the cap)."""
+    `max_bytes` (one old generation is kept; the pair never exceeds twice the cap). PATH.1
+    always ends where PATH begins, so the pair reads as one stream: `data` larger than the
+    cap fills PATH with its end and PATH.1 with the `max_bytes` before that."""
     if max_bytes > 0:
         try:
             size = os.stat(path).st_size
         except FileNotFoundError:
             size = 0
+        rotated = path.with_name(path.name + ROTATED_SUFFIX)
         if size and size + len(data) > max_bytes:
-            os.replace(path, path.with_name(path.name + ROTATED_SUFFIX))
+            os.replace(path, rotated)
         if len(data) > max_bytes:
-            data = data[-max_bytes:]
+            # Each step leaves a pair that reads as one stream (a reader may look between).
+            head, data = data[:-max_bytes], data[-max_bytes:]
+            older = _tail(rotated, max_bytes - len(head)) if len(head) < max_bytes else b""
+            atomic_write_bytes(rotated, (older + head)[-max_bytes:], durable=False)
+            atomic_write_bytes(path, data, durable=False)
+            return
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
     try:
         view = memoryview(data)
@@ -125,6 +141,16 @@ def append_capped(path: Path, data: bytes, max_bytes: int) -> None:
             view = view[os.write(fd, view):]
     finally:
         os.close(fd)
+
+
+def _tail(path: Path, limit: int) -> bytes:
+    """Blocking: the last `limit` bytes of `path` (empty if it does not exist)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, os.fstat(f.fileno()).st_size - limit))
+            return f.read(limit)
+    except FileNotFoundError:
+        return b""
 
 
 def _perform(path: Path, op: _Op) -> None:

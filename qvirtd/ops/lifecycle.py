@@ -122,9 +122,17 @@ class Lifecycle:
             async with dom.lock:  # L3
                 if not dom.persistent:
                     raise InvalidOperationError(f"domain '{dom.name}' is not persistent")
-            # The files go first (no lock held); if they cannot, nothing changes.
-            await ctx.store.delete(dom.name)
+                had_mark = dom.autostart
+            # The files go first (no lock held); if they cannot, nothing changes. The mark
+            # goes before the definition: a mark left behind without its definition would
+            # autostart the next domain defined under this name.
             await ctx.store.set_autostart(dom.name, False)
+            try:
+                await ctx.store.delete(dom.name)
+            except StorageError as exc:
+                if had_mark:
+                    await self._restore_mark(dom, exc)
+                raise
             async with dom.lock:  # L3
                 dom.persistent_def = None
                 dom.autostart = False
@@ -133,6 +141,17 @@ class Lifecycle:
         await ctx.remove_if_unused(dom)  # L1: removal last, with no domain lock held
         log.info("domain %s undefined by %s", dom.name, owner)
         return {"name": dom.name, "transient": transient}
+
+    async def _restore_mark(self, dom: Domain, exc: StorageError) -> None:
+        """undefine removed the autostart mark but not the definition: put the mark back.
+        If that fails too, autostart is off (as on disk) and the error says so."""
+        try:
+            await self.ctx.store.set_autostart(dom.name, True)
+        except StorageError as again:
+            async with dom.lock:  # L3: memory follows the disk
+                dom.autostart = False
+            raise StorageError(f"{exc}; its autostart mark was removed and cannot be put "
+                               f"back ({again}): autostart is now off") from exc
 
     async def set_autostart(self, ident: str, enabled: bool, owner: str) -> dict[str, Any]:
         ctx = self.ctx

@@ -9,6 +9,9 @@ What this wrapper adds to the library, and why:
   unbounded `history` list). We unregister it and use a listener whose `put` hands each event
   straight to the domain's callback, so nothing accumulates here.
 * `disconnect()` re-raises the error that broke the connection; closing is always quiet here.
+  Closing while `connect()` waits for QEMU's greeting cancels that connect (which disconnects
+  on its way out) instead of disconnecting beside it: two disconnects at once trip the
+  library's internal assert ("This is a bug in the QMP library").
 * The library logs expected failures (EOF when QEMU exits, dropped late replies) at ERROR or
   WARNING; its logger is quietened and we log what matters ourselves.
 * Losing the connection (QEMU died or closed it) is reported once through `on_lost`, and every
@@ -31,6 +34,7 @@ import asyncio
 import collections
 import contextlib
 import logging
+import socket
 from collections.abc import Callable, Coroutine, Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -144,6 +148,7 @@ class Monitor:
         self._closed = False
         self._lost_reported = False
         self._watch: asyncio.Task[None] | None = None
+        self._connecting: asyncio.Future[None] | None = None  # the library's connect()
 
     @property
     def closed(self) -> bool:
@@ -155,7 +160,10 @@ class Monitor:
         try:
             async with asyncio.timeout(timeout_s):
                 sock = await connect_unix(socket_path)
-                await self._client.connect(sock)
+                if self._closed:  # closed meanwhile: QEMU will not greet us (it is gone)
+                    sock.close()
+                    raise MonitorClosedError(self._closed_while_connecting())
+                await self._negotiate(sock)
         except TimeoutError:
             await self.close()
             raise MonitorTimeoutError(
@@ -168,6 +176,26 @@ class Monitor:
                 f"{exc}") from exc
         self._watch = asyncio.create_task(self._watch_connection(),
                                           name=f"monitor-watch-{self.domain_name}")
+
+    async def _negotiate(self, sock: socket.socket) -> None:
+        """The library's connect, as a task that close() can cancel (pitfall: a close while
+        QEMU has not greeted us yet must not disconnect beside the connect's own clean-up:
+        two disconnects at once trip the library's internal assert)."""
+        task = asyncio.ensure_future(self._client.connect(sock))
+        self._connecting = task
+        try:
+            await task
+        except asyncio.CancelledError:
+            me = asyncio.current_task()
+            if self._closed and task.cancelled() and (me is None or not me.cancelling()):
+                raise MonitorClosedError(self._closed_while_connecting()) from None
+            raise
+        finally:
+            self._connecting = None
+
+    def _closed_while_connecting(self) -> str:
+        return (f"domain '{self.domain_name}': cannot connect to the QEMU monitor: it was "
+                "closed while connecting (QEMU is gone)")
 
     @contextlib.contextmanager
     def listen(self, names: Iterable[str]) -> Iterator[QmpListener]:
@@ -246,6 +274,10 @@ class Monitor:
         self._lost_reported = True  # an orderly close is not a loss
         for listener in self._listeners:
             listener._close()
+        connecting = self._connecting
+        if connecting is not None and not connecting.done():
+            connecting.cancel()  # it disconnects on its way out: never beside it
+            await asyncio.wait({connecting})
         try:
             await self._client.disconnect()
         except Exception as exc:  # the original connection error, already handled

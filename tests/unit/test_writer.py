@@ -81,9 +81,15 @@ async def test_appends_join_and_the_log_rotates_at_its_cap(writer: FileWriter,
     await writer.append(log, b"y" * 200, max_bytes=1000)
     assert log.read_bytes() == b"y" * 200
     assert (tmp_path / "console.log.1").read_bytes() == b"x" * 900
-    # A single chunk larger than the cap keeps its end.
+    # A single chunk larger than the cap keeps its end, and the rotated file what came just
+    # before it: the pair still reads as one stream, nothing missing where they join.
     append_capped(log, b"0123456789" * 200, 1000)
     assert log.stat().st_size == 1000 and log.read_bytes().endswith(b"789")
+    assert (tmp_path / "console.log.1").read_bytes() + log.read_bytes() == \
+        (b"0123456789" * 200)[-2000:]
+    append_capped(log, b"abc" * 400, 1000)  # 1,200 bytes: 200 of them follow the old log
+    assert (tmp_path / "console.log.1").read_bytes() + log.read_bytes() == \
+        ((b"0123456789" * 200) + b"abc" * 400)[-2000:]
 
 
 async def test_an_error_names_the_path_and_the_old_file_stays(
