@@ -31,6 +31,7 @@ from ..errors import (
     InvalidOperationError,
     NoDomainError,
     QvirtError,
+    StorageError,
 )
 from ..job import AsyncJob, AsyncJobKind, JobKind
 from ..model import DomainState, LifecycleAction, Reason
@@ -240,11 +241,14 @@ class Runtime:
     @staticmethod
     def _log_start(log_path: Path, name: str, argv: list[str]) -> int:
         """Blocking (worker thread): note the command line in the domain's QEMU log."""
-        log_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        with open(log_path, "ab") as logf:
-            stamp = time.strftime("%Y-%m-%d %H:%M:%S")
-            logf.write(f"{stamp} starting domain {name}: {argv!r}\n".encode())
-            return logf.tell()
+        try:
+            log_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            with open(log_path, "ab") as logf:
+                stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+                logf.write(f"{stamp} starting domain {name}: {argv!r}\n".encode())
+                return logf.tell()
+        except OSError as exc:
+            raise StorageError(f"cannot write {log_path}: {exc.strerror or exc}") from exc
 
     async def _roll_back(self, dom: Domain, run: Run, published: bool, dom_id: int) -> None:
         """A start failed or was aborted: end its run, killing its QEMU if there is one."""
