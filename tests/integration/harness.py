@@ -171,6 +171,16 @@ class Daemon:
         shutil.rmtree(self.root, ignore_errors=True)
 
 
+def run_daemon(root: Path, config: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """Run `qvirtd --root ROOT [--config CONFIG]` to completion (one that should refuse to
+    start); its exit status and output."""
+    argv = [sys.executable, "-m", "qvirtd", "--root", str(root)]
+    if config is not None:
+        argv += ["--config", str(config)]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=30,
+                          stdin=subprocess.DEVNULL)
+
+
 class NotifyListener:
     """A NOTIFY_SOCKET, as systemd has: collects datagrams until `done(messages)` holds."""
 

@@ -151,16 +151,21 @@ async def test_define_racing_undefine_never_disagrees_with_disk(daemon_factory: 
 
 # --- 5. a status file the daemon cannot parse never starts a guest twice -------------------
 
-def test_status_with_an_unknown_field_is_read(daemon: Daemon) -> None:
-    """Recipe: add one unknown field to a running domain's status.json (as any format
-    change between versions would), restart: the live QEMU was an "orphan", and autostart
-    (or a user's start) launched a second QEMU with the same uuid."""
+def autostarted_then_killed(daemon: Daemon) -> tuple[int, dict[str, Any]]:
+    """Domain "vm" (autostart) running, the daemon SIGKILLed: its pid and its status."""
     daemon.define(tiny_definition("vm"))
     daemon.qvirsh("autostart", "vm")
     daemon.qvirsh("start", "vm")
     pid = daemon.json("dominfo", "vm")["pid"]
     sigkill(daemon)
-    raw = json.loads(status_file(daemon, "vm").read_text())
+    return pid, json.loads(status_file(daemon, "vm").read_text())
+
+
+def test_status_with_an_unknown_field_is_read(daemon: Daemon) -> None:
+    """Recipe: add one unknown field to a running domain's status.json (as any format
+    change between versions would), restart: the live QEMU was an "orphan", and autostart
+    (or a user's start) launched a second QEMU with the same uuid."""
+    pid, raw = autostarted_then_killed(daemon)
     raw["written_by_qvirtd_9"] = {"anything": [1, 2]}
     status_file(daemon, "vm").write_text(json.dumps(raw))
     daemon.start()
@@ -177,12 +182,7 @@ def test_a_damaged_status_is_reported_and_its_qemu_blocks_starts(daemon: Daemon)
     """A status file that cannot be used as a whole: its QEMU is found through the process
     table, reported, never killed, and no second QEMU is started for the domain, neither by
     autostart nor by a user, until that QEMU is gone."""
-    daemon.define(tiny_definition("vm"))
-    daemon.qvirsh("autostart", "vm")
-    daemon.qvirsh("start", "vm")
-    pid = daemon.json("dominfo", "vm")["pid"]
-    sigkill(daemon)
-    raw = json.loads(status_file(daemon, "vm").read_text())
+    pid, raw = autostarted_then_killed(daemon)
     raw["definition"]["memory_mib"] = "a lot"
     status_file(daemon, "vm").write_text(json.dumps(raw))
     daemon.start()

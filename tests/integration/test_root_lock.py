@@ -5,21 +5,10 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 
-from harness import Daemon, tiny_definition
-
-
-def second_daemon(root: Path, config: Path | None = None) -> subprocess.CompletedProcess[str]:
-    argv = [sys.executable, "-m", "qvirtd", "--root", str(root)]
-    if config is not None:
-        argv += ["--config", str(config)]
-    return subprocess.run(argv, capture_output=True, text=True, timeout=30,
-                          stdin=subprocess.DEVNULL)
+from harness import Daemon, run_daemon, tiny_definition
 
 
 def refusal(first: Daemon) -> str:
@@ -41,14 +30,14 @@ def test_second_daemon_on_the_same_root_is_refused_until_the_first_dies(
     other_config = first.root / "other.toml"
     other_config.write_text(f"socket_path = {str(other_socket)!r}\nlog_level = 'debug'\n")
     began = time.monotonic()
-    res = second_daemon(first.root, other_config)
+    res = run_daemon(first.root, other_config)
     assert time.monotonic() - began < 10  # refused at once, not after a timeout
     assert (res.returncode, res.stderr, res.stdout) == (1, refusal(first), "")
     assert not other_socket.exists()
 
     # The first one's socket removed: the socket probe alone would have let a second start.
     first.socket.unlink()
-    res = second_daemon(first.root)
+    res = run_daemon(first.root)
     assert (res.returncode, res.stderr) == (1, refusal(first))
     assert not first.socket.exists()
 
@@ -58,7 +47,7 @@ def test_second_daemon_on_the_same_root_is_refused_until_the_first_dies(
     first.start()
     assert lock_file.read_text() == f"{first.proc.pid}\n"
     assert first.json("list", "--all") == []
-    res = second_daemon(first.root, other_config)
+    res = run_daemon(first.root, other_config)
     assert (res.returncode, res.stderr) == (1, refusal(first))
 
 

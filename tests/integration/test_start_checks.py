@@ -4,23 +4,13 @@ the key named and exit status 2, never a traceback; so is a --root too deep for 
 from __future__ import annotations
 
 import shutil
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from harness import Daemon, tiny_definition
+from harness import Daemon, run_daemon, tiny_definition
 
 from qvirtd.config import DIR_PATH_MAX
-
-
-def run_daemon(root: Path, config: Path | None = None) -> subprocess.CompletedProcess[str]:
-    argv = [sys.executable, "-m", "qvirtd", "--root", str(root)]
-    if config is not None:
-        argv += ["--config", str(config)]
-    return subprocess.run(argv, capture_output=True, text=True, timeout=30,
-                          stdin=subprocess.DEVNULL)
 
 
 def deep_dir(base: Path, size: int) -> Path:
