@@ -377,6 +377,7 @@ class LoopWatch:
             log.info("no per-thread schedstat: the loop watch only sees CPU stretches")
         _interpreter_data()
         self._requested = self._beat[0]
+        self._idle_cpu = -1.0
         self._handle = loop.call_soon(self._heartbeat)
         self._thread = threading.Thread(target=self._watch, name="qvirtd-loopwatch",
                                         daemon=True)
