@@ -52,6 +52,7 @@ class Settings(BaseModel):
     event_queue_per_subscriber: Annotated[int, Field(ge=1, le=1_000_000)] = 1000
     event_replay_buffer: Annotated[int, Field(ge=0, le=1_000_000)] = 10000
     lock_check: bool = False
+    loop_watch_ms: Annotated[float, Field(ge=0, le=60000)] = 100.0
     log_level: str = "info"
     client_outbound_max_bytes: Annotated[int, Field(ge=64 * 1024, le=1024 * 1024 * 1024)] = (
         4 * 1024 * 1024)

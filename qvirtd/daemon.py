@@ -21,6 +21,7 @@ from typing import Any
 from .config import ConfigError, Layout, Settings
 from .domain import Domain
 from .locks import LockWatch
+from .loopwatch import LoopWatch
 from .ops.context import Context
 from .ops.devices import Devices
 from .ops.lifecycle import Lifecycle
@@ -119,6 +120,17 @@ class Daemon:
                                       params.since_seq)
 
     async def run(self) -> int:
+        if self.settings.loop_watch_ms > 0:  # rule L6, watched from a thread
+            self.ctx.loop_watch = LoopWatch(self.settings.loop_watch_ms / 1000,
+                                            interval_s=0.005, idle_interval_s=0.02)
+            self.ctx.loop_watch.start(asyncio.get_running_loop())
+        try:
+            return await self._run()
+        finally:
+            if self.ctx.loop_watch is not None:
+                self.ctx.loop_watch.stop()
+
+    async def _run(self) -> int:
         LockWatch.strict = self.settings.lock_check
         quieten_library_logging(self.settings.log_level == "debug")
         self._prepare_dirs()

@@ -66,7 +66,7 @@ to 100 %; nothing under 20 ms ever. Blocking calls each shorter than an interval
 as blocking (their CPU time still counts).
 
 Cost, measured on the 2-core test VM (benchmarks/bench_loopwatch.py, uvloop, Python 3.11;
-ranges over several runs, this VM is noisy; docs/loopwatch-notes.md): the loop itself is never
+ranges over several runs, this VM is noisy; docs/design.md, "Checking L6"): the loop itself is never
 woken by the watch. Waking any thread costs 40 to 90 us of CPU on this VM, so the watcher's
 wake-ups dominate: an idle loop with the watch on uses 7.5 to 15 ms of CPU per second at a 5 ms
 interval, 1.3 to 1.6 times a bare thread sleeping 5 ms at a time; 3 to 6 ms with

@@ -31,6 +31,7 @@ from ..errors import DomainGoneError, InvalidOperationError, MonitorClosedError,
 from ..events import EventBus
 from ..job import AsyncJob, AsyncJobKind, Job, JobKind
 from ..locks import check_no_locks
+from ..loopwatch import LoopWatch
 from ..model import DomainState, Reason
 from ..qemu.process import ProcessTable
 from ..run import Run
@@ -54,6 +55,7 @@ class Context:
         self.writer = FileWriter()
         self.store = DefinitionStore(layout.definitions_dir, layout.autostart_dir, self.writer)
         self.processes = ProcessTable()
+        self.loop_watch: LoopWatch | None = None  # rule L6 (started by the daemon)
         self._tasks: set[asyncio.Task[Any]] = set()
         self._qemu_time: float | None = None
         found = shutil.which(settings.qemu_binary)

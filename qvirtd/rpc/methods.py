@@ -214,6 +214,7 @@ def build_methods(ctx: Context, ops: Lifecycle, devices: Devices) -> dict[str, M
             "background_tasks": len(ctx.background_tasks),
             "orphans": ctx.orphans,
             "writer": ctx.writer.stats(),
+            "loop_watch": ctx.loop_watch.summary() if ctx.loop_watch is not None else None,
         }
 
     async def daemon_warnings(p: NoParams, c: Caller) -> Any:

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -27,9 +28,12 @@ def daemon_factory() -> Iterator[Callable[..., Daemon]]:
     yield make
     try:
         for d in made:
-            # The instrumented run: no QMP command or process wait under a lock, ever.
+            # The instrumented run: no QMP command or process wait under a lock, ever (L4),
+            # and no callback that holds the event loop 20 ms or more (L6).
             if d.proc is not None and d.proc.poll() is None:
                 assert d.lock_violations() == 0, d.log_text()
+                stalls = d.loop_stalls()
+                assert not stalls, "rule L6 broken: " + json.dumps(stalls, indent=1)
     finally:
         for d in made:
             d.cleanup()

@@ -27,6 +27,7 @@ from qvirtd.qemu.unixpath import short_path
 
 TEST_SETTINGS: dict[str, Any] = {
     "lock_check": True,  # every integration test is an instrumented run (rule L4)
+    "loop_watch_ms": 20.0,  # and no callback may hold the loop 20 ms or more (rule L6)
     "job_wait_timeout_s": 10.0,
     "monitor_timeout_s": 10.0,
     "destroy_grace_s": 2.0,
@@ -56,13 +57,15 @@ def pid_alive(pid: int) -> bool:
 
 class Daemon:
     def __init__(self, settings: dict[str, Any] | None = None, prefix: str = "qv-",
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, preload: str | None = None) -> None:
         self.root = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
         self.env = {**os.environ, **(env or {})}
         self.settings = {**TEST_SETTINGS, **(settings or {})}
         self.socket = self.root / "run" / "qvirtd.sock"
         self.log = self.root / "daemon.log"
         self.proc: subprocess.Popen[bytes] | None = None
+        # Python run in the daemon's process before it starts (fault injection in tests).
+        self.preload = preload
 
     def write_config(self) -> None:
         lines = []
@@ -73,8 +76,11 @@ class Daemon:
     def start(self) -> Daemon:
         self.write_config()
         with open(self.log, "ab") as logf:
+            run = (["-m", "qvirtd"] if self.preload is None else
+                   ["-c", self.preload + "\nimport runpy, sys\nsys.argv[0] = 'qvirtd'\n"
+                    "runpy.run_module('qvirtd', run_name='__main__')"])
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "qvirtd", "--root", str(self.root)],
+                [sys.executable, *run, "--root", str(self.root)],
                 stdout=logf, stderr=logf, stdin=subprocess.DEVNULL, env=self.env)
         wait_for(self._listening, 15, f"qvirtd to listen (log: {self.log_text()})")
         return self
@@ -159,6 +165,12 @@ class Daemon:
     def lock_violations(self) -> int:
         stats = json.loads(self.qvirsh("daemon-stats").stdout)
         return int(stats["lock_violations"])
+
+    def loop_stalls(self) -> list[dict[str, Any]]:
+        """Rule L6: the callbacks that held this daemon's loop too long (most recent)."""
+        watch = json.loads(self.qvirsh("daemon-stats").stdout)["loop_watch"]
+        assert watch is not None, "the daemon runs without its loop watch"
+        return list(watch["last"]) if watch["stalls"] else []
 
     def cleanup(self) -> None:
         self.stop()
