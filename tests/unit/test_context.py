@@ -123,3 +123,25 @@ async def test_process_scans_are_shared_but_never_older_than_the_question(
     assert all(r == [(2, b"qemu-system-x86_64\0-uuid\0u\0")] for r in results[1:])
     assert await table.find([b"\0-uuid\0u\0"]) == [(3, b"qemu-system-x86_64\0-uuid\0u\0")]
     assert await table.find([b"\0-uuid\0other\0"]) == []
+
+
+def test_a_run_directory_belongs_to_one_run_at_a_time() -> None:
+    """Undefine and define again gives a new Domain object with the same name: its start
+    must wait until the old run's teardown released the directory (recipe 13)."""
+    from qvirtd.driver import DomainTable
+    from qvirtd.errors import DomainBusyError
+    table = DomainTable()
+    old = Domain(DomainDef(name="vm"), persistent=True)
+    table.claim_run_dir(old)
+    with pytest.raises(DomainBusyError, match="still being cleaned up"):
+        table.claim_run_dir(old)  # a second run of the same domain
+    table.remove(old)
+    new = Domain(DomainDef(name="vm"), persistent=True)
+    table.add(new)
+    with pytest.raises(DomainBusyError, match="previous run under this name"):
+        table.claim_run_dir(new)
+    table.release_run_dir(new)  # not the holder: changes nothing
+    with pytest.raises(DomainBusyError):
+        table.claim_run_dir(new)
+    table.release_run_dir(old)  # the old run's teardown is complete
+    table.claim_run_dir(new)
