@@ -149,9 +149,12 @@ async def kill_loop(daemon: Daemon, guest: Any, seed: int) -> None:
         daemon.proc.send_signal(signal.SIGKILL)
         await asyncio.to_thread(daemon.proc.wait, 10)
         try:
-            await asyncio.wait_for(call, 5)
-        except Exception:  # cut off by the kill, or refused: both are fine here
-            pass
+            result: Any = await asyncio.wait_for(call, 5)
+        except Exception as exc:  # cut off by the kill, or refused: both are fine here
+            result = exc
+        if os.environ.get("QVIRTD_KILL_VERBOSE"):
+            print(f"round {round_no}: {op} {name} ({before}) after {delay:.3f} s -> "
+                  f"{result!r:.200}")
         await client.close()
         hits[f"{op} {'after' if finished_before_kill else 'during'} "
              f"({'<50ms' if delay < 0.05 else '<300ms'})"] += 1
