@@ -225,8 +225,10 @@ class Runtime:
             await ctx.status_barrier(run)
         except BaseException as exc:
             await asyncio.shield(self._roll_back(dom, run, published, dom_id))
-            if isinstance(exc, QvirtError | OSError) and not isinstance(exc, DomainBusyError):
-                said = await asyncio.to_thread(_log_tail, log_path, log_offset)
+            if isinstance(exc, QvirtError | OSError):
+                # QEMU's own words, if a QEMU of this start ever ran (not an older run's).
+                said = (await asyncio.to_thread(_log_tail, log_path, log_offset)
+                        if run.process is not None else "")
                 msg = f"domain '{dom.name}' failed to start: {exc}"
                 if said:
                     msg += f"; QEMU said: {said}"
