@@ -9,6 +9,7 @@ from pathlib import Path
 
 import uvloop
 
+from . import __version__
 from .config import ConfigError, resolve
 from .daemon import Daemon
 from .rootlock import StartRefused, take_root
@@ -18,6 +19,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="qvirtd", description="QEMU/KVM management daemon")
     parser.add_argument("--root", type=Path, help="run an isolated instance under DIR")
     parser.add_argument("--config", type=Path, help="TOML settings file")
+    parser.add_argument("--version", action="version", version=f"qvirtd {__version__}")
     args = parser.parse_args(argv)
     try:
         layout, settings = resolve(args.root, args.config)

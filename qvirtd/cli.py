@@ -1,4 +1,9 @@
-"""`qvirsh`: the command-line client. Readable tables by default, `--json` for scripts.
+"""`qvirsh`: the command-line client. Readable output by default, `--json` for scripts.
+
+Every command, its arguments, its help and how its result prints come from the verb
+registry (qvirtd/verbs.py); this module only turns a command line into a call and a result
+into output, plus the few steps some verbs need (a stream of events, the warnings `list`
+shows, the note `--config` prints).
 
 Errors are one line `error: <message>` on stderr; exit status 1 when the daemon refused or
 failed an operation (or cannot be reached), 2 for bad usage (the contract).
@@ -13,10 +18,12 @@ import sys
 from pathlib import Path
 from typing import Any, NoReturn
 
+from . import __version__, text
 from .client import Client, ConnectionLost, RpcError
 from .config import default_socket
 from .rootlock import UnsafeDirectory, check_private_dir
 from .rpc.limits import MAX_JSON_DEPTH, nested_deeper_than
+from .verbs import VERBS, ArgKind, Verb, optional_number_flags, register_arguments
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -31,136 +38,69 @@ class Parser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
-def _table(rows: list[dict[str, Any]], columns: list[tuple[str, str]]) -> str:
-    cells = [[("-" if r.get(k) is None else str(r.get(k))) for k, _ in columns] for r in rows]
-    widths = [max([len(h)] + [len(c[i]) for c in cells]) for i, (_, h) in enumerate(columns)]
-    lines = [" " + "   ".join(h.ljust(w) for (_, h), w in zip(columns, widths, strict=True))]
-    lines.append("-" * (sum(widths) + 3 * (len(widths) - 1) + 2))
-    for c in cells:
-        lines.append(" " + "   ".join(v.ljust(w) for v, w in zip(c, widths, strict=True)))
-    return "\n".join(lines)
-
-
-def _kv(info: dict[str, Any]) -> str:
-    width = max(len(k) for k in info) + 1
-    out = []
-    for k, v in info.items():
-        if isinstance(v, dict):
-            v = ", ".join(f"{a}={b}" for a, b in v.items() if b is not None) or "-"
-        out.append(f"{(k + ':').ljust(width)} {'-' if v is None else v}")
-    return "\n".join(out)
-
-
-def format_event(ev: dict[str, Any]) -> str:
-    dom = ev.get("domain", {})
-    what = ev.get("event", "?")
-    if ev.get("type"):
-        what += f" {ev['type']}"
-        if ev.get("detail"):
-            what += f"/{ev['detail']}"
-    extra = f" {json.dumps(ev['data'])}" if ev.get("data") else ""
-    return f"{ev.get('time', '')} #{ev.get('seq')} domain '{dom.get('name')}': {what}{extra}"
-
-
-def _jobinfo(r: dict[str, Any]) -> str:
-    lines = []
-    for slot, label in (("async_job", "Async job"), ("job", "Job")):
-        job = r.get(slot)
-        if job is None:
-            lines.append(f"{label + ':':12} none")
-            continue
-        lines.append(f"{label + ':':12} {job['kind']}" + (f" (phase {job['phase']})"
-                                                         if job.get("phase") else ""))
-        lines.append(f"{'Owner:':12} {job['owner']}")
-        lines.append(f"{'Elapsed:':12} {job['elapsed_s']:.1f} s (since {job['started']})")
-        if job.get("allowed"):
-            lines.append(f"{'Allows:':12} {', '.join(job['allowed'])}")
-        if job.get("progress"):
-            lines.append(f"{'Progress:':12} {json.dumps(job['progress'])}")
-        if job.get("abort_requested"):
-            lines.append(f"{'Aborting:':12} asked by {job['abort_requested']}")
-    return "\n".join(lines)
-
-
 def build_parser() -> Parser:
-    p = Parser(prog="qvirsh", description="control qvirtd")
+    p = Parser(prog="qvirsh", description="control qvirtd (every command also takes --json "
+               "and --socket)")
     p.add_argument("--socket", help="daemon socket (default: $QVIRTD_SOCKET or the "
                    "daemon's default)")
-    sub = p.add_subparsers(dest="verb", required=True, parser_class=Parser)
-
-    def cmd(name: str, help: str, json_flag: bool = True) -> argparse.ArgumentParser:
-        c = sub.add_parser(name, help=help)
-        if json_flag:
-            c.add_argument("--json", action="store_true", help="print one JSON document")
-        return c
-
-    c = cmd("define", "create or update a domain from a JSON file")
-    c.add_argument("file")
-    c = cmd("undefine", "remove a persistent definition")
-    c.add_argument("name")
-    c = cmd("list", "list domains")
-    c.add_argument("--all", action="store_true", help="include shut-off domains")
-    for name, help in [("dominfo", "domain information"), ("reboot", "reboot via ACPI"),
-                       ("reset", "hard reset"), ("suspend", "pause the vCPUs"),
-                       ("resume", "continue the vCPUs"), ("destroy", "stop QEMU now")]:
-        cmd(name, help).add_argument("name")
-    c = cmd("dumpjson", "print the live (or persistent) definition")
-    c.add_argument("name")
-    c.add_argument("--inactive", action="store_true", help="the persistent definition")
-    c = cmd("start", "start a domain")
-    c.add_argument("name")
-    c.add_argument("--paused", action="store_true", help="leave the vCPUs paused")
-    c = cmd("shutdown", "ask the guest to power off (ACPI)")
-    c.add_argument("name")
-    c.add_argument("--wait", nargs="?", const=True, default=False, type=float,
-                   metavar="SECONDS", help="wait until shut off (default time if no SECONDS)")
-    c = cmd("autostart", "start the domain whenever the daemon starts")
-    c.add_argument("name")
-    c.add_argument("--disable", action="store_true")
-    c = cmd("event", "stream domain events")
-    c.add_argument("--domain")
-    c.add_argument("--loop", action="store_true", help="keep going after the first event")
-    c.add_argument("--timeout", type=float, help="stop after this many seconds")
-    c.add_argument("--since", type=int, help="first replay buffered events after this seq")
-    c = cmd("qemu-monitor-command", "pass one raw QMP command")
-    c.add_argument("name")
-    c.add_argument("command", help='e.g. \'{"execute": "query-status"}\'')
-    c.add_argument("--force", action="store_true", help="send a command that could change "
-                   "QEMU behind the domain's JSON config (the domain is marked tainted)")
-    c = cmd("domjobinfo", "the domain's current jobs (kind, phase, owner, elapsed)")
-    c.add_argument("name")
-    c = cmd("domjobabort", "abort the domain's async job (it rolls back)")
-    c.add_argument("name")
-    c = cmd("attach-device", "hotplug a device described in a JSON file")
-    c.add_argument("name")
-    c.add_argument("file", help='{"kind": "disk"|"cdrom"|"nic", "id": ..., ...}')
-    c.add_argument("--config", action="store_true", help="also (or, shut off: only) the "
-                   "persistent definition")
-    c = cmd("detach-device", "hot-unplug a device")
-    c.add_argument("name")
-    c.add_argument("device_id")
-    c.add_argument("--wait", type=float, default=5.0, metavar="SECONDS",
-                   help="wait this long for the guest to release it (default 5)")
-    c.add_argument("--config", action="store_true", help="also the persistent definition")
-    c = cmd("change-media", "insert, change or eject a CD-ROM medium")
-    c.add_argument("name")
-    c.add_argument("cdrom_id")
-    group = c.add_mutually_exclusive_group(required=True)
-    group.add_argument("path", nargs="?", help="the medium (an image file)")
-    group.add_argument("--eject", action="store_true")
-    c = cmd("console-log", "print the serial console log")
-    c.add_argument("name")
-    c.add_argument("--bytes", type=int, default=64 * 1024, help="at most this many (tail)")
-    cmd("daemon-stats", "daemon counters and lock statistics")
-    cmd("daemon-warnings", "what the daemon found but does not manage (orphan QEMUs)")
+    p.add_argument("--version", action="version", version=f"qvirsh {__version__}")
+    sub = p.add_subparsers(dest="verb", required=True, parser_class=Parser,
+                           metavar="COMMAND")
+    for v in VERBS.values():
+        c = sub.add_parser(v.name, help=v.summary, description=v.summary)
+        register_arguments(c, v)
+        c.add_argument("--json", action="store_true", help="print one JSON document")
+        # Global options are accepted after the verb too ("qvirsh list --socket S").
+        c.add_argument("--socket", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return p
 
 
-def _print(args: argparse.Namespace, result: Any, human: str) -> None:
-    if getattr(args, "json", False):
-        print(json.dumps(result, indent=2))
-    elif human:
-        print(human)
+def normalise(argv: list[str]) -> list[str]:
+    """A bare option that takes an optional number ("--wait") must not swallow the next
+    word when that is not a number ("shutdown --wait NAME"): it becomes "--wait="."""
+    flags = optional_number_flags()
+    out = []
+    for i, word in enumerate(argv):
+        if word in flags:
+            nxt = argv[i + 1] if i + 1 < len(argv) else None
+            if nxt is None or not _is_number(nxt):
+                word += "="
+        out.append(word)
+    return out
+
+
+def _is_number(word: str) -> bool:
+    try:
+        float(word)
+    except ValueError:
+        return False
+    return True
+
+
+def params_from(v: Verb, args: argparse.Namespace) -> dict[str, Any]:
+    """The JSON-RPC params a command line stands for."""
+    params: dict[str, Any] = {}
+    for a in v.args:
+        if not a.param:
+            continue  # qvirsh's own option
+        value = getattr(args, a.key, None)
+        if a.kind is ArgKind.JSON_FILE:
+            value = _read_json_file(str(value))
+        elif a.kind is ArgKind.JSON_TEXT:
+            value = _parse_json(str(value), "the JSON argument")
+            if not isinstance(value, dict):
+                raise UsageError(f"{a.metavar or a.param} must be a JSON object")
+        if value is None or (a.kind is ArgKind.FLAG and value is False):
+            continue
+        if a.kind is ArgKind.CONST:
+            if a.param in params:
+                continue
+            try:
+                value = a.combine(set(value)) if a.combine else value[-1]
+            except ValueError as exc:
+                raise UsageError(str(exc)) from None
+        params[a.param] = value
+    return params
 
 
 async def run(args: argparse.Namespace) -> int:
@@ -175,100 +115,35 @@ async def run(args: argparse.Namespace) -> int:
     async with client:
         for d in private:  # again, now that it exists: nothing is sent before this passes
             check_private_dir(d)
-        c = args.verb
-        if c == "define":
-            r = await client.call("define", {"definition": args.definition})
-            verb = "defined" if r["created"] else "updated"
-            _print(args, r, f"Domain '{r['name']}' {verb} ({r['uuid']})")
-        elif c == "undefine":
-            r = await client.call("undefine", {"name": args.name})
-            _print(args, r, f"Domain '{r['name']}' undefined"
-                   + (" (still running, now transient)" if r["transient"] else ""))
-        elif c == "list":
-            r = await client.call("list", {"all": args.all})
-            _print(args, r, _table(r, [("id", "Id"), ("name", "Name"), ("state", "State")]))
+        v = VERBS[args.verb]
+        params = params_from(v, args)
+        if v.cli == "event":
+            return await _events(client, args, params)
+        result = await client.call(v.name, params)
+        _print(args, v, result)
+        if v.cli == "list" and not args.json:
             for warning in await client.call("daemon-warnings"):
                 print(f"warning: {warning}", file=sys.stderr)
-        elif c == "dominfo":
-            r = await client.call("dominfo", {"name": args.name})
-            _print(args, r, _kv(r))
-        elif c == "dumpjson":
-            r = await client.call("dumpjson", {"name": args.name, "inactive": args.inactive})
-            print(json.dumps(r, indent=2))
-        elif c == "start":
-            r = await client.call("start", {"name": args.name, "paused": args.paused})
-            _print(args, r, f"Domain '{r['name']}' started (id {r['id']}, pid {r['pid']})")
-        elif c == "shutdown":
-            r = await client.call("shutdown", {"name": args.name, "wait": args.wait})
-            msg = (f"Domain '{r['name']}' is shut off" if args.wait is not False
-                   else f"Domain '{r['name']}' is being shut down")
-            _print(args, r, msg)
-        elif c in ("reboot", "reset", "suspend", "resume", "destroy"):
-            r = await client.call(c, {"name": args.name})
-            done = {"reboot": "is being rebooted", "reset": "was reset",
-                    "suspend": "suspended", "resume": "resumed", "destroy": "destroyed"}[c]
-            _print(args, r, f"Domain '{r['name']}' {done}")
-        elif c == "autostart":
-            r = await client.call("autostart", {"name": args.name, "disable": args.disable})
-            _print(args, r, f"Domain '{r['name']}' autostart "
-                   + ("enabled" if r["autostart"] else "disabled"))
-        elif c == "qemu-monitor-command":
-            command = _parse_json(args.command, "command")
-            if not isinstance(command, dict):
-                raise UsageError("command must be a JSON object")
-            r = await client.call("qemu-monitor-command", {"name": args.name,
-                                                           "command": command,
-                                                           "force": args.force})
-            print(json.dumps(r, indent=2) if args.json else json.dumps(r))
-        elif c == "attach-device":
-            r = await client.call("attach-device", {"name": args.name, "device": args.device,
-                                                    "config": args.config})
-            where = " and ".join(w for w, on in (("live", r["live"]),
-                                                 ("in the definition", r["config"])) if on)
-            _print(args, r, f"Device '{r['device']}' attached to '{r['name']}' ({where})")
-        elif c == "detach-device":
-            r = await client.call("detach-device", {"name": args.name,
-                                                    "device": args.device_id,
-                                                    "wait": args.wait, "config": args.config})
-            if r["pending"]:
-                msg = (f"Device '{r['device']}': removal from '{r['name']}' is pending (the "
-                       "guest has not released it yet; it completes when it does)")
-            else:
-                msg = f"Device '{r['device']}' detached from '{r['name']}'"
-            _print(args, r, msg)
-        elif c == "change-media":
-            r = await client.call("change-media", {"name": args.name, "device": args.cdrom_id,
-                                                   "path": args.path, "eject": args.eject})
-            _print(args, r, f"CD-ROM '{r['device']}' of '{r['name']}': "
-                   + (f"medium {r['medium']}" if r["medium"] else "ejected"))
-        elif c == "console-log":
-            r = await client.call("console-log", {"name": args.name, "max_bytes": args.bytes})
-            _print(args, r, r["text"].rstrip("\n"))
-        elif c == "domjobinfo":
-            r = await client.call("domjobinfo", {"name": args.name})
-            _print(args, r, _jobinfo(r))
-        elif c == "domjobabort":
-            r = await client.call("domjobabort", {"name": args.name})
-            a = r["aborted"]
-            _print(args, r, f"Domain '{r['name']}': {a['kind']} aborted (it was in phase "
-                   f"{a['phase']})")
-        elif c == "daemon-warnings":
-            r = await client.call("daemon-warnings")
-            _print(args, r, "\n".join(f"warning: {w}" for w in r) or "no warnings")
-        elif c == "daemon-stats":
-            r = await client.call("daemon-stats")
-            print(json.dumps(r, indent=2))
-        elif c == "event":
-            return await _events(client, args)
+        elif (v.cli == "device-change" and params.get("mode") == "config"
+              and result.get("running")):
+            print(f"note: --config changed only the persistent definition of "
+                  f"'{result['name']}' (as in virsh); the running domain is unchanged: use "
+                  "--persistent for both, or --live", file=sys.stderr)
     return 0
 
 
-async def _events(client: Client, args: argparse.Namespace) -> int:
-    params: dict[str, Any] = {}
-    if args.domain:
-        params["domain"] = args.domain
-    if args.since is not None:
-        params["since_seq"] = args.since
+def _print(args: argparse.Namespace, v: Verb, result: Any) -> None:
+    if args.json or v.human is None:
+        print(json.dumps(result, indent=2))
+    elif v.cli == "shutdown" and args.wait is not False:
+        print(f"Domain '{result['name']}' is shut off")
+    else:
+        out = v.human(result)
+        if out:
+            print(out)
+
+
+async def _events(client: Client, args: argparse.Namespace, params: dict[str, Any]) -> int:
     await client.call("event", params)
     loop = asyncio.get_running_loop()
     deadline = loop.time() + args.timeout if args.timeout else None
@@ -283,22 +158,22 @@ async def _events(client: Client, args: argparse.Namespace) -> int:
         if msg is None:
             raise ConnectionLost("the daemon closed the connection")
         if msg.get("method") == "event-overflow":
-            params = msg.get("params") or {}
-            raise RpcError(0, str(params.get("message") or "event stream overflowed: this "
+            notice = msg.get("params") or {}
+            raise RpcError(0, str(notice.get("message") or "event stream overflowed: this "
                                   "client fell behind and was dropped; re-read state"))
         if msg.get("method") != "event":
             continue
         ev = msg["params"]
-        print(json.dumps(ev) if args.json else format_event(ev), flush=True)
+        print(json.dumps(ev) if args.json else text.event_line(ev), flush=True)
         if not args.loop:
             return 0
 
 
-def _parse_json(text: str, what: str) -> Any:
+def _parse_json(source: str, what: str) -> Any:
     """JSON from the user; too deep a nesting is refused here, as the daemon would."""
     too_deep = UsageError(f"{what} is nested too deep (at most {MAX_JSON_DEPTH} levels)")
     try:
-        value = json.loads(text)
+        value = json.loads(source)
     except json.JSONDecodeError as exc:
         raise UsageError(f"{what} is not valid JSON: {exc}") from None
     except RecursionError:
@@ -308,23 +183,19 @@ def _parse_json(text: str, what: str) -> Any:
     return value
 
 
-def _read_definition(path: str) -> Any:
+def _read_json_file(path: str) -> Any:
     try:
-        text = Path(path).read_text()
+        content = Path(path).read_text()
     except OSError as exc:
         raise UsageError(f"cannot read {path}: {exc.strerror}") from exc
     except UnicodeDecodeError as exc:
         raise UsageError(f"{path} is not valid JSON: {exc}") from exc
-    return _parse_json(text, path)
+    return _parse_json(content, path)
 
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        args = build_parser().parse_args(argv)
-        if args.verb == "define":
-            args.definition = _read_definition(args.file)
-        elif args.verb == "attach-device":
-            args.device = _read_definition(args.file)
+        args = build_parser().parse_args(normalise(sys.argv[1:] if argv is None else argv))
         return asyncio.run(run(args))
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)

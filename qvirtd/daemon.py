@@ -16,7 +16,6 @@ import signal
 import socket
 import stat
 from pathlib import Path
-from typing import Any
 
 from .config import ConfigError, Layout, Settings
 from .domain import Domain
@@ -29,10 +28,10 @@ from .ops.reconnect import Reconnector
 from .ops.runtime import Runtime
 from .qemu.monitor import quieten_library_logging
 from .qemu.unixpath import short_path
-from .rpc.methods import EventParams, build_methods
-from .rpc.server import Connection, RpcServer
-from .rpc.streams import subscribe_events
+from .rpc.methods import build_methods
+from .rpc.server import RpcServer
 from .systemd import listen_fds, sd_notify, watchdog_interval
+from .verbs import Services
 
 log = logging.getLogger(__name__)
 
@@ -85,10 +84,10 @@ class Daemon:
         self.ops = Lifecycle(self.ctx, self.runtime)
         self.reconnector = Reconnector(self.ctx, self.runtime)
         self.devices = Devices(self.ctx)
-        self.server = RpcServer(build_methods(self.ctx, self.ops, self.devices),
-                                settings.max_message_bytes,
+        # Every verb of the registry (qvirtd/verbs.py) is a method of the server.
+        self.server = RpcServer({}, settings.max_message_bytes,
                                 settings.max_requests_in_flight,
-                                {"event": (EventParams, self._subscribe_events)},
+                                build_methods(Services(self.ctx, self.ops, self.devices)),
                                 settings.client_write_timeout_s, settings=settings)
         self._stop = asyncio.Event()
 
@@ -113,11 +112,6 @@ class Daemon:
                 self.ctx.warn(f"definition {self.ctx.store.path_for(definition.name)} is not "
                               f"loaded: {exc}")
         log.info("loaded %d domain definitions", len(self.ctx.table))
-
-    async def _subscribe_events(self, conn: Connection, params: EventParams) -> Any:
-        """`event` method: stream events to this connection (rpc/streams.py)."""
-        return await subscribe_events(self.ctx.bus, conn, params.domain, params.events,
-                                      params.since_seq)
 
     async def run(self) -> int:
         if self.settings.loop_watch_ms > 0:  # rule L6, watched from a thread

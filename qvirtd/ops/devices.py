@@ -68,6 +68,7 @@ from ..qemu.argv import (
     nic_netdev,
 )
 from ..run import Run
+from ..verbs import Target
 from .context import Context
 
 log = logging.getLogger(__name__)
@@ -182,21 +183,34 @@ class Devices:
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
 
-    async def attach(self, ident: str, raw: Any, config: bool, owner: str) -> dict[str, Any]:
+    @staticmethod
+    def _targets(dom: Domain, target: Target) -> tuple[bool, bool]:
+        """Under the fast lock: (the running domain?, its persistent definition?) for a
+        device change, as virsh's --current/--live/--config/--persistent mean them."""
+        running = dom.active
+        if target is Target.LIVE and not running:
+            raise InvalidOperationError(
+                f"domain '{dom.name}' is not running: --live changes only a running domain "
+                "(use --config for its definition)")
+        live = running and target is not Target.CONFIG
+        config = target in (Target.CONFIG, Target.PERSISTENT) or (
+            target is Target.CURRENT and not running)
+        if config and dom.persistent_def is None:
+            raise InvalidOperationError(f"domain '{dom.name}' is transient: it has no "
+                                        "persistent definition to change")
+        return live, config
+
+    async def attach(self, ident: str, raw: Any, target: Target,
+                     owner: str) -> dict[str, Any]:
         ctx = self.ctx
         device = parse_device(raw)
         dom = await ctx.lookup(ident)
         async with ctx.job(dom, JobKind.MODIFY, owner):  # the slow lock
             async with dom.lock:  # fast lock: check, then describe the device in the JSON
-                live = dom.active
-                if not live and not config:
-                    raise InvalidOperationError(
-                        f"domain '{dom.name}' is not running: use --config to add the device "
-                        "to its definition")
+                live, config = self._targets(dom, target)
+                running = dom.active
                 if config:
-                    if dom.persistent_def is None:
-                        raise InvalidOperationError(f"domain '{dom.name}' is transient: "
-                                                    "it has no definition to change")
+                    assert dom.persistent_def is not None
                     self._check_free_id(dom, dom.run, dom.persistent_def, device.id)
                     new_persistent = self._added(dom.persistent_def, device)
                 if live:
@@ -221,7 +235,8 @@ class Devices:
                     ctx.emit(dom, "lifecycle", "defined", "updated")
         log.info("domain %s: device %s attached (%s) by %s", dom.name, device.id,
                  "live" if not config else "config" if not live else "live and config", owner)
-        return {"name": dom.name, "device": device.id, "live": live, "config": config}
+        return {"name": dom.name, "device": device.id, "live": live, "config": config,
+                "running": running}
 
     async def _described(self, dom: Domain, run: Run, device_id: str) -> None:
         """Barrier: the status file naming the new device is on disk. If it cannot be
@@ -301,22 +316,28 @@ class Devices:
                     ctx.save_status(dom, run)
             raise
 
-    async def detach(self, ident: str, device_id: str, wait_s: float, config: bool,
+    async def detach(self, ident: str, device_id: str, wait_s: float, target: Target,
                      owner: str) -> dict[str, Any]:
         ctx = self.ctx
         dom = await ctx.lookup(ident)
         removed = False
         async with ctx.job(dom, JobKind.MODIFY, owner):  # the slow lock
             async with dom.lock:  # fast lock
+                want_live, config = self._targets(dom, target)
+                running = dom.active
                 run = dom.run
-                live = run is not None and find_device(run.definition, device_id) is not None
-                in_config = (dom.persistent_def is not None
-                             and find_device(dom.persistent_def, device_id) is not None)
-                if not live and not (config and in_config):
+                live = want_live and run is not None and \
+                    find_device(run.definition, device_id) is not None
+                in_config = config and dom.persistent_def is not None and \
+                    find_device(dom.persistent_def, device_id) is not None
+                # --persistent removes it from wherever it is; the others, from their target.
+                missing = (not live and not in_config) if target is Target.PERSISTENT else (
+                    (want_live and not live) or (config and not in_config))
+                if missing:
+                    where = ("the running domain" if want_live and not live else
+                             "its persistent definition")
                     raise InvalidOperationError(
-                        f"domain '{dom.name}' has no device '{device_id}'"
-                        + ("" if dom.active or config else " (it is not running: use "
-                           "--config to change its definition)"))
+                        f"domain '{dom.name}' has no device '{device_id}' in {where}")
                 if live:
                     run = ctx.running(dom)
                     if device_id in run.pending_detach:
@@ -349,7 +370,7 @@ class Devices:
                         await ctx.explain_closed(dom, run, "detach")
                         raise
                 removed = await finish_detach(ctx, dom, run, device_id)
-            if config and in_config:
+            if in_config:
                 async with dom.lock:  # fast lock
                     assert dom.persistent_def is not None
                     new_persistent = without_device(dom.persistent_def, device_id)
@@ -361,7 +382,7 @@ class Devices:
                  "removed" if removed else "pending" if live else "from the definition")
         return {"name": dom.name, "device": device_id, "live": live,
                 "removed": removed if live else None, "pending": live and not removed,
-                "config": config and in_config}
+                "config": in_config, "running": running}
 
     async def change_media(self, ident: str, cdrom_id: str, path: str | None,
                            owner: str) -> dict[str, Any]:

@@ -9,7 +9,10 @@ domain is logged with it.
 from __future__ import annotations
 
 import asyncio
+import builtins
 import logging
+import os
+import resource
 from typing import Any
 
 from pydantic import ValidationError
@@ -25,6 +28,7 @@ from ..errors import (
     describe_validation_error,
 )
 from ..job import Job, JobKind
+from ..locks import LockWatch
 from ..model import DomainDef, DomainState, Reason
 from ..qemu.console import read_tail
 from ..qemu.qmp_policy import TAINT_CUSTOM_MONITOR, check_raw_command, refused_reason
@@ -33,6 +37,17 @@ from .context import Context
 from .runtime import DESTROY_RECORD_S, Runtime
 
 log = logging.getLogger(__name__)
+
+
+def _rss_kib() -> int:
+    try:
+        with open(f"/proc/{os.getpid()}/status") as f:  # small, in /proc: never blocks
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
 class _Undefined(Exception):
@@ -185,6 +200,32 @@ class Lifecycle:
         dom = await self.ctx.lookup(ident)
         async with dom.lock:  # L3
             return dom.info()
+
+    def daemon_stats(self) -> dict[str, Any]:
+        """Counters of the daemon itself (the RPC server adds its own `rpc` part)."""
+        ctx = self.ctx
+        return {
+            "pid": os.getpid(),
+            "rss_kib": _rss_kib(),
+            "domains": len(ctx.table),
+            "driver_lock": ctx.table.hold_stats.summary(),
+            "lock_violations": LockWatch.violations,
+            "last_lock_violation": LockWatch.last_violation or None,
+            "events": {"last_seq": ctx.bus.last_seq, "delivered": ctx.bus.delivered,
+                       "subscribers": ctx.bus.subscriber_count,
+                       "dropped_subscribers": ctx.bus.dropped_subscribers},
+            "background_tasks": len(ctx.background_tasks),
+            "orphans": ctx.orphans,
+            "writer": ctx.writer.stats(),
+            "loop_watch": ctx.loop_watch.summary() if ctx.loop_watch is not None else None,
+        }
+
+    def daemon_warnings(self) -> builtins.list[str]:
+        """What needs a person (see docs/protocol.md)."""
+        ctx = self.ctx
+        return ([o["message"] for o in ctx.orphans] + ctx.warnings
+                + [f"status file not written, retrying: {e}"
+                   for e in ctx.writer.failing.values()])
 
     async def domjobinfo(self, ident: str) -> dict[str, Any]:
         dom = await self.ctx.lookup(ident)

@@ -179,25 +179,39 @@ async def test_a_guest_that_never_releases(daemon: Daemon) -> None:
     daemon.qvirsh("destroy", "deaf")
 
 
-def test_config_only_and_live_plus_config(daemon: Daemon) -> None:
+def test_device_targets_as_in_virsh(daemon: Daemon) -> None:
+    """--current (default), --live, --config (the definition only), --persistent (both)."""
     daemon.define(tiny_definition("cfg"))
     img = daemon.root / "p.raw"
     img.write_bytes(b"\0" * 1024 * 1024)
     spec = device_file(daemon, {"kind": "disk", "id": "keep", "path": str(img)})
-    res = daemon.qvirsh("attach-device", "cfg", spec, check=False)
-    assert res.returncode == 1 and "use --config" in res.stderr
-    daemon.qvirsh("attach-device", "cfg", spec, "--config")
+    res = daemon.qvirsh("attach-device", "cfg", spec, "--live", check=False)
+    assert res.returncode == 1 and "--live changes only a running domain" in res.stderr
+    daemon.qvirsh("attach-device", "cfg", spec)  # shut off: current = the definition
     assert json_devices(daemon, "cfg", inactive=True) == {"keep"}
     daemon.qvirsh("start", "cfg")  # cold-plugged from the definition
     assert "keep" in qemu_devices(daemon, "cfg")
+    # Running: --config changes only the definition, and qvirsh says so.
     nic = device_file(daemon, {"kind": "nic", "id": "n1"})
-    daemon.qvirsh("attach-device", "cfg", nic, "--config")
+    res = daemon.qvirsh("attach-device", "cfg", nic, "--config")
+    assert "note: --config changed only the persistent definition" in res.stderr
     assert json_devices(daemon, "cfg", inactive=True) == {"keep", "n1"}
-    assert "n1" in qemu_devices(daemon, "cfg") and "n1" in json_devices(daemon, "cfg")
+    assert "n1" not in qemu_devices(daemon, "cfg") | json_devices(daemon, "cfg")
+    # --persistent (or --live --config): both.
+    nic2 = device_file(daemon, {"kind": "nic", "id": "n2"})
+    daemon.qvirsh("attach-device", "cfg", nic2, "--live", "--config")
+    assert json_devices(daemon, "cfg", inactive=True) == {"keep", "n1", "n2"}
+    assert "n2" in qemu_devices(daemon, "cfg") and "n2" in json_devices(daemon, "cfg")
     stored = json.loads((daemon.root / "state" / "domains" / "cfg.json").read_text())
-    assert [n["id"] for n in stored["nics"]] == ["n1"]
+    assert [n["id"] for n in stored["nics"]] == ["n1", "n2"]
+    # Running, no flag: current = the running domain only.
+    daemon.qvirsh("detach-device", "cfg", "n2", "--wait", "0")
+    assert json_devices(daemon, "cfg", inactive=True) == {"keep", "n1", "n2"}
+    res = daemon.qvirsh("detach-device", "cfg", "n1", "--live", check=False)
+    assert res.returncode == 1 and "no device 'n1' in the running domain" in res.stderr
     daemon.qvirsh("destroy", "cfg")
-    daemon.qvirsh("detach-device", "cfg", "n1", "--config")
+    daemon.qvirsh("detach-device", "cfg", "n1")  # shut off: current = the definition
+    daemon.qvirsh("detach-device", "cfg", "n2", "--persistent")
     assert json_devices(daemon, "cfg", inactive=True) == {"keep"}
 
 

@@ -1,0 +1,513 @@
+"""The verb registry: every `qvirsh` command and JSON-RPC method, declared once.
+
+A verb is one entry here: its name (the method and the command), a one-line summary (the
+help), its params model (what the daemon validates), how it is spelled on the command line
+(`Arg`s: positional or option, which param each fills), the daemon's handler, and how its
+result reads for a person. From this one table:
+
+* `rpc/methods.py` builds the daemon's JSON-RPC method table;
+* `cli.py` builds the `qvirsh` parser and its help, and prints results;
+* `tests/unit/test_verbs.py` checks `docs/protocol.md` names every verb with its params
+  (and nothing else), so the documentation cannot drift from the code.
+
+This module is imported by `qvirsh` too: the daemon's operations are reached only through
+the `Services` object a handler is given, never imported here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import enum
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from . import text
+
+if TYPE_CHECKING:
+    from .ops.context import Context
+    from .ops.devices import Devices
+    from .ops.lifecycle import Lifecycle
+    from .rpc.server import Connection
+
+
+class Params(BaseModel):
+    """Every method's params: unknown names are an error, never silently ignored."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who sent a request (from SO_PEERCRED), for job diagnostics and logs."""
+
+    pid: int | None
+    uid: int | None
+
+    def owner(self, method: str) -> str:
+        """Who asked, as jobs, errors and logs name it: "start (client pid 42 uid 0)"."""
+        return f"{method} (client pid {self.pid} uid {self.uid})" if self.pid else method
+
+
+class Services:
+    """What a handler may use in the daemon (set up by the daemon, typed for mypy)."""
+
+    def __init__(self, ctx: Context, ops: Lifecycle, devices: Devices) -> None:
+        self.ctx = ctx
+        self.ops = ops
+        self.devices = devices
+
+
+Handler = Callable[[Services, Any, "Connection"], Awaitable[Any]]
+
+
+class ArgKind(enum.Enum):
+    TEXT = "text"            # a string (positional or --opt VALUE)
+    FLAG = "flag"            # --opt: true when given
+    NUMBER = "number"        # --opt SECONDS (float)
+    INT = "int"              # --opt N
+    OPTIONAL_NUMBER = "optional-number"  # --opt [SECONDS]: absent false, bare true, or N
+    JSON_FILE = "json-file"  # FILE, read and parsed as JSON by qvirsh
+    JSON_TEXT = "json-text"  # a JSON document given on the command line
+    APPEND = "append"        # --opt VALUE, repeatable: a list
+    CONST = "const"          # --opt adds `const` to the param's set (several may share a
+                             # param; `combine` turns the set into the value)
+
+
+@dataclass(frozen=True)
+class Arg:
+    """How one param is spelled on the command line."""
+
+    param: str                       # the JSON-RPC param it fills ("" = qvirsh only)
+    flag: str | None = None          # "--paused"; None for a positional
+    kind: ArgKind = ArgKind.TEXT
+    help: str | None = None
+    metavar: str | None = None
+    default: Any = None
+    const: Any = None
+    optional: bool = False           # a positional that may be left out
+    group: str | None = None         # mutually exclusive with the other args of the group
+    required: bool = False           # one of the group's args must be given
+    dest: str | None = None          # where argparse keeps it (default: the param)
+    combine: Callable[[set[str]], str] | None = None  # CONST args of one param, together
+
+    @property
+    def key(self) -> str:
+        return self.dest or self.param or (self.flag or "").lstrip("-").replace("-", "_")
+
+
+@dataclass(frozen=True)
+class Verb:
+    name: str
+    summary: str
+    params: type[Params]
+    handler: Handler
+    args: tuple[Arg, ...] = ()
+    human: Callable[[Any], str] | None = None   # result -> text (None: JSON)
+    stream: bool = False                         # the connection stays open (event, console)
+    # qvirsh's own steps for a verb that needs more than call-and-print (event, list, ...).
+    cli: str | None = None
+
+
+VERBS: dict[str, Verb] = {}
+
+
+def verb(name: str, summary: str, params: type[Params], *args: Arg,
+         human: Callable[[Any], str] | None = None, stream: bool = False,
+         cli: str | None = None) -> Callable[[Handler], Handler]:
+    """Register the decorated handler as verb `name`."""
+    def register(handler: Handler) -> Handler:
+        assert name not in VERBS, f"verb {name} declared twice"
+        VERBS[name] = Verb(name, summary, params, handler, args, human, stream, cli)
+        return handler
+    return register
+
+
+def name_arg(help: str = "the domain: its name, uuid, or id while it runs") -> Arg:
+    return Arg("name", help=help, metavar="NAME")
+
+
+# --- params ---------------------------------------------------------------------------------
+
+DomainIdent = Annotated[str, Field(min_length=1, max_length=256)]
+DeviceIdent = Annotated[str, Field(min_length=1, max_length=64)]
+
+
+class NoParams(Params):
+    pass
+
+
+class NameParams(Params):
+    name: DomainIdent
+
+
+class ListParams(Params):
+    all: bool = False
+
+
+class DefineParams(Params):
+    definition: dict[str, Any]
+
+
+class StartParams(NameParams):
+    paused: bool = False
+
+
+class ShutdownParams(NameParams):
+    # `true` means "wait the default time"; a number is seconds; absent/false: do not wait.
+    wait: bool | Annotated[float, Field(gt=0, le=86400)] = False
+
+
+class DumpParams(NameParams):
+    inactive: bool = False
+
+
+class AutostartParams(NameParams):
+    disable: bool = False
+
+
+class MonitorCommandParams(NameParams):
+    command: dict[str, Any]
+    force: bool = False
+
+
+class Target(enum.StrEnum):
+    """Which definition a device change goes to, as virsh's --current/--live/--config/
+    --persistent say it."""
+
+    CURRENT = "current"        # the running domain if it runs, else its definition
+    LIVE = "live"              # the running domain only
+    CONFIG = "config"          # the persistent definition only
+    PERSISTENT = "persistent"  # both (the definition only, when shut off)
+
+
+class DeviceChangeParams(NameParams):
+    mode: Target | None = None
+    # The old spelling: `config: true` meant the running domain and its definition (now
+    # mode "persistent"); kept for scripts, see docs/protocol.md.
+    config: bool = False
+
+    @property
+    def target(self) -> Target:
+        if self.mode is not None:
+            return self.mode
+        return Target.PERSISTENT if self.config else Target.CURRENT
+
+
+class AttachParams(DeviceChangeParams):
+    device: dict[str, Any]
+
+
+class DetachParams(DeviceChangeParams):
+    device: DeviceIdent
+    wait: Annotated[float, Field(ge=0, le=3600)] = 5.0
+
+
+class ChangeMediaParams(NameParams):
+    device: DeviceIdent
+    path: str | None = None
+    eject: bool = False
+
+    @model_validator(mode="after")
+    def _one_of(self) -> ChangeMediaParams:
+        if (self.path is None) == (not self.eject):
+            raise ValueError("give either path or eject, not both and not neither")
+        return self
+
+
+class EventParams(Params):
+    domain: DomainIdent | None = None
+    events: list[Annotated[str, Field(max_length=64)]] | None = None
+    since_seq: Annotated[int, Field(ge=0)] | None = None
+
+
+class ConsoleLogParams(NameParams):
+    max_bytes: Annotated[int, Field(ge=1, le=16 * 1024 * 1024)] = 64 * 1024
+
+
+# --- how results read -----------------------------------------------------------------------
+
+def _done(what: str) -> Callable[[Any], str]:
+    return lambda r: f"Domain '{r['name']}' {what}"
+
+
+def _device_change(r: dict[str, Any]) -> str:
+    where = " and ".join(w for w, on in (("live", r["live"]), ("in the definition",
+                                                               r["config"])) if on)
+    return f"Device '{r['device']}' attached to '{r['name']}' ({where})"
+
+
+def _detached(r: dict[str, Any]) -> str:
+    if r["pending"]:
+        return (f"Device '{r['device']}': removal from '{r['name']}' is pending (the guest has "
+                "not released it yet; it completes when it does)")
+    where = " and ".join(w for w, on in (("live", r["live"]), ("from the definition",
+                                                               r["config"])) if on)
+    return f"Device '{r['device']}' detached from '{r['name']}' ({where})"
+
+
+# --- the verbs ------------------------------------------------------------------------------
+# Each handler gets the Services, the validated params and the connection (its `caller`).
+
+@verb("define", "create or update a persistent domain from a JSON definition", DefineParams,
+      Arg("definition", kind=ArgKind.JSON_FILE, metavar="FILE",
+          help="the definition (JSON, see docs/definitions.md)"),
+      human=lambda r: f"Domain '{r['name']}' {'defined' if r['created'] else 'updated'} "
+      f"({r['uuid']})")
+async def _define(s: Services, p: DefineParams, c: Connection) -> Any:
+    return await s.ops.define(p.definition, c.caller.owner("define"))
+
+
+@verb("undefine", "remove a persistent definition (a running domain becomes transient)",
+      NameParams, name_arg(),
+      human=lambda r: f"Domain '{r['name']}' undefined"
+      + (" (still running, now transient)" if r["transient"] else ""))
+async def _undefine(s: Services, p: NameParams, c: Connection) -> Any:
+    return await s.ops.undefine(p.name, c.caller.owner("undefine"))
+
+
+@verb("list", "list domains (running ones, or --all)", ListParams,
+      Arg("all", "--all", ArgKind.FLAG, help="include shut-off domains"),
+      human=lambda r: text.table(r, [("id", "Id"), ("name", "Name"), ("state", "State")]),
+      cli="list")
+async def _list(s: Services, p: ListParams, c: Connection) -> Any:
+    return await s.ops.list(p.all)
+
+
+@verb("dominfo", "state and basic facts of one domain", NameParams, name_arg(),
+      human=text.key_values)
+async def _dominfo(s: Services, p: NameParams, c: Connection) -> Any:
+    return await s.ops.dominfo(p.name)
+
+
+@verb("domjobinfo", "the domain's current jobs: kind, phase, owner, elapsed", NameParams,
+      name_arg(), human=text.job_info)
+async def _domjobinfo(s: Services, p: NameParams, c: Connection) -> Any:
+    return await s.ops.domjobinfo(p.name)
+
+
+@verb("domjobabort", "abort the domain's async job (it rolls back)", NameParams, name_arg(),
+      human=lambda r: f"Domain '{r['name']}': {r['aborted']['kind']} aborted (it was in phase "
+      f"{r['aborted']['phase']})")
+async def _domjobabort(s: Services, p: NameParams, c: Connection) -> Any:
+    return await s.ops.domjobabort(p.name, c.caller.owner("domjobabort"))
+
+
+@verb("dumpjson", "the live definition (or the persistent one: --inactive) as JSON",
+      DumpParams, name_arg(),
+      Arg("inactive", "--inactive", ArgKind.FLAG, help="the persistent definition"),
+      human=text.pretty_json)
+async def _dumpjson(s: Services, p: DumpParams, c: Connection) -> Any:
+    return await s.ops.dumpjson(p.name, p.inactive)
+
+
+@verb("start", "launch QEMU and run the guest", StartParams, name_arg(),
+      Arg("paused", "--paused", ArgKind.FLAG, help="leave the vCPUs paused"),
+      human=lambda r: f"Domain '{r['name']}' started (id {r['id']}, pid {r['pid']})")
+async def _start(s: Services, p: StartParams, c: Connection) -> Any:
+    return await s.ops.start(p.name, p.paused, c.caller.owner("start"))
+
+
+@verb("shutdown", "ask the guest to power off (ACPI power button)", ShutdownParams,
+      name_arg(),
+      Arg("wait", "--wait", ArgKind.OPTIONAL_NUMBER, metavar="SECONDS",
+          help="return once it is shut off (or fail after SECONDS, default "
+          "shutdown_wait_default_s)"),
+      human=_done("is being shut down"), cli="shutdown")
+async def _shutdown(s: Services, p: ShutdownParams, c: Connection) -> Any:
+    if p.wait is True:
+        wait: float | None = s.ctx.settings.shutdown_wait_default_s
+    elif p.wait is False:
+        wait = None
+    else:
+        wait = float(p.wait)
+    return await s.ops.shutdown(p.name, wait, c.caller.owner("shutdown"))
+
+
+@verb("reboot", "reboot via ACPI, in the same QEMU", NameParams, name_arg(),
+      human=_done("is being rebooted"))
+async def _reboot(s: Services, p: NameParams, c: Connection) -> Any:
+    return await s.ops.reboot(p.name, c.caller.owner("reboot"))
+
+
+@verb("reset", "hard reset", NameParams, name_arg(), human=_done("was reset"))
+async def _reset(s: Services, p: NameParams, c: Connection) -> Any:
+    return await s.ops.reset(p.name, c.caller.owner("reset"))
+
+
+@verb("suspend", "pause the vCPUs", NameParams, name_arg(), human=_done("suspended"))
+async def _suspend(s: Services, p: NameParams, c: Connection) -> Any:
+    return await s.ops.suspend(p.name, c.caller.owner("suspend"))
+
+
+@verb("resume", "continue the vCPUs", NameParams, name_arg(), human=_done("resumed"))
+async def _resume(s: Services, p: NameParams, c: Connection) -> Any:
+    return await s.ops.resume(p.name, c.caller.owner("resume"))
+
+
+@verb("destroy", "stop QEMU now, however stuck it is", NameParams, name_arg(),
+      human=_done("destroyed"))
+async def _destroy(s: Services, p: NameParams, c: Connection) -> Any:
+    return await s.ops.destroy(p.name, c.caller.owner("destroy"))
+
+
+@verb("autostart", "start the domain whenever the daemon starts (or --disable)",
+      AutostartParams, name_arg(), Arg("disable", "--disable", ArgKind.FLAG),
+      human=lambda r: f"Domain '{r['name']}' autostart "
+      + ("enabled" if r["autostart"] else "disabled"))
+async def _autostart(s: Services, p: AutostartParams, c: Connection) -> Any:
+    return await s.ops.set_autostart(p.name, not p.disable, c.caller.owner("autostart"))
+
+
+@verb("qemu-monitor-command", "pass one raw QMP command to QEMU", MonitorCommandParams,
+      name_arg(),
+      Arg("command", kind=ArgKind.JSON_TEXT, metavar="JSON",
+          help='e.g. \'{"execute": "query-status"}\''),
+      Arg("force", "--force", ArgKind.FLAG,
+          help="send a command that could change QEMU behind the domain's JSON config (the "
+          "domain is then marked tainted)"),
+      human=text.compact_json)
+async def _monitor_command(s: Services, p: MonitorCommandParams, c: Connection) -> Any:
+    return await s.ops.monitor_command(p.name, p.command, p.force,
+                                       c.caller.owner("qemu-monitor-command"))
+
+
+def combine_target(flags: set[str]) -> str:
+    """virsh's spellings of a device change's target: one flag, or --live with --config
+    (the same as --persistent)."""
+    if flags == {"live", "config"}:
+        return "persistent"
+    if len(flags) > 1:
+        raise ValueError(" and ".join(f"--{f}" for f in sorted(flags))
+                         + " cannot be given together")
+    return next(iter(flags))
+
+
+# Where a device change goes, as virsh spells it (the four share the param "mode").
+TARGET_ARGS = (
+    Arg("mode", "--current", ArgKind.CONST, const="current", combine=combine_target,
+        help="the running domain if it runs, else its definition (the default)"),
+    Arg("mode", "--live", ArgKind.CONST, const="live", combine=combine_target,
+        help="the running domain only (with --config: both)"),
+    Arg("mode", "--config", ArgKind.CONST, const="config", combine=combine_target,
+        help="the persistent definition only, as in virsh (with --live: both)"),
+    Arg("mode", "--persistent", ArgKind.CONST, const="persistent", combine=combine_target,
+        help="the running domain and its persistent definition"),
+)
+
+
+@verb("attach-device", "hotplug a device described in a JSON file", AttachParams,
+      name_arg(),
+      Arg("device", kind=ArgKind.JSON_FILE, metavar="FILE",
+          help='{"kind": "disk"|"cdrom"|"nic", "id": ..., ...}'),
+      *TARGET_ARGS, human=_device_change, cli="device-change")
+async def _attach(s: Services, p: AttachParams, c: Connection) -> Any:
+    return await s.devices.attach(p.name, p.device, p.target, c.caller.owner("attach-device"))
+
+
+@verb("detach-device", "hot-unplug a device", DetachParams, name_arg(),
+      Arg("device", metavar="DEVICE_ID", help="the device's id"),
+      Arg("wait", "--wait", ArgKind.NUMBER, metavar="SECONDS", default=5.0,
+          help="wait this long for the guest to release it (default 5)"),
+      *TARGET_ARGS, human=_detached, cli="device-change")
+async def _detach(s: Services, p: DetachParams, c: Connection) -> Any:
+    return await s.devices.detach(p.name, p.device, p.wait, p.target,
+                                  c.caller.owner("detach-device"))
+
+
+@verb("change-media", "insert, change or eject a CD-ROM medium", ChangeMediaParams,
+      name_arg(), Arg("device", metavar="CDROM_ID", help="the CD-ROM's id"),
+      Arg("path", metavar="PATH", optional=True, group="medium", required=True,
+          help="the medium (an image file)"),
+      Arg("eject", "--eject", ArgKind.FLAG, group="medium", required=True),
+      human=lambda r: f"CD-ROM '{r['device']}' of '{r['name']}': "
+      + (f"medium {r['medium']}" if r["medium"] else "ejected"))
+async def _change_media(s: Services, p: ChangeMediaParams, c: Connection) -> Any:
+    return await s.devices.change_media(p.name, p.device, p.path,
+                                        c.caller.owner("change-media"))
+
+
+@verb("console-log", "the tail of the serial console log", ConsoleLogParams, name_arg(),
+      Arg("max_bytes", "--bytes", ArgKind.INT, metavar="N", default=64 * 1024,
+          help="at most this many bytes (the tail)"),
+      human=lambda r: r["text"].rstrip("\n"))
+async def _console_log(s: Services, p: ConsoleLogParams, c: Connection) -> Any:
+    return await s.ops.console_log(p.name, p.max_bytes)
+
+
+@verb("daemon-stats", "daemon counters and lock statistics", NoParams,
+      human=text.pretty_json)
+async def _daemon_stats(s: Services, p: NoParams, c: Connection) -> Any:
+    return s.ops.daemon_stats()
+
+
+@verb("daemon-warnings", "what needs a person: QEMUs not managed, files not loaded, ...",
+      NoParams, human=lambda r: "\n".join(f"warning: {w}" for w in r) or "no warnings")
+async def _daemon_warnings(s: Services, p: NoParams, c: Connection) -> Any:
+    return s.ops.daemon_warnings()
+
+
+@verb("event", "stream domain events", EventParams,
+      Arg("domain", "--domain", metavar="NAME", help="only this domain's events"),
+      Arg("events", "--event", ArgKind.APPEND, metavar="KIND",
+          help="only events of this kind (lifecycle, reboot, device-removed, ...); repeatable"),
+      Arg("since_seq", "--since", ArgKind.INT, metavar="SEQ",
+          help="first replay the buffered events after this sequence number"),
+      Arg("", "--loop", ArgKind.FLAG, help="keep going after the first event"),
+      Arg("", "--timeout", ArgKind.NUMBER, metavar="SECONDS",
+          help="stop after this many seconds"),
+      stream=True, cli="event")
+async def _event(s: Services, p: EventParams, c: Connection) -> Any:
+    from .rpc.streams import subscribe_events  # daemon side only
+    return await subscribe_events(s.ctx.bus, c, p.domain, p.events, p.since_seq)
+
+
+def register_arguments(parser: argparse.ArgumentParser, v: Verb) -> None:
+    """Add verb `v`'s arguments to its qvirsh sub-parser."""
+    groups: dict[str, argparse._MutuallyExclusiveGroup] = {}
+    for a in v.args:
+        target: Any = parser
+        if a.group is not None:
+            if a.group not in groups:
+                required = any(x.group == a.group and x.required for x in v.args)
+                groups[a.group] = parser.add_mutually_exclusive_group(required=required)
+            target = groups[a.group]
+        kw: dict[str, Any] = {"help": a.help}
+        if a.flag is None:  # positional
+            if a.optional:
+                kw["nargs"] = "?"
+            kw["metavar"] = a.metavar
+            target.add_argument(a.key, **kw)
+            continue
+        kw["dest"] = a.key
+        if a.kind is ArgKind.FLAG:
+            kw["action"] = "store_true"
+        elif a.kind is ArgKind.CONST:
+            kw.update(action="append_const", const=a.const)
+        elif a.kind is ArgKind.APPEND:
+            kw.update(action="append", metavar=a.metavar)
+        elif a.kind is ArgKind.OPTIONAL_NUMBER:
+            kw.update(nargs="?", const=True, default=False, type=_optional_number,
+                      metavar=a.metavar)
+        else:
+            kw.update(metavar=a.metavar, default=a.default,
+                      type={ArgKind.NUMBER: float, ArgKind.INT: int}.get(a.kind, str))
+        target.add_argument(a.flag, **kw)
+
+
+def _optional_number(value: str) -> float | bool:
+    if value == "":
+        return True
+    try:
+        return float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {value!r}") from None
+
+
+def optional_number_flags() -> set[str]:
+    """Options that take an optional number ("--wait" or "--wait 10"): qvirsh rewrites a
+    bare one to "--wait=" so that "shutdown --wait NAME" parses (NAME is not its value)."""
+    return {a.flag for v in VERBS.values() for a in v.args
+            if a.kind is ArgKind.OPTIONAL_NUMBER and a.flag is not None}
