@@ -43,6 +43,10 @@ class Settings(BaseModel):
     process_exit_timeout_s: Annotated[float, Field(gt=0, le=600)] = 5.0
     shutdown_wait_default_s: Annotated[float, Field(gt=0, le=86400)] = 60.0
     qemu_binary: str = "qemu-system-x86_64"
+    ovmf_code: str = "/usr/share/OVMF/OVMF_CODE_4M.fd"
+    ovmf_vars_template: str = "/usr/share/OVMF/OVMF_VARS_4M.fd"
+    ovmf_secboot_code: str = "/usr/share/OVMF/OVMF_CODE_4M.secboot.fd"
+    ovmf_secboot_vars_template: str = "/usr/share/OVMF/OVMF_VARS_4M.ms.fd"
     socket_path: str = ""
     socket_mode: int = 0o600
     max_message_bytes: Annotated[int, Field(ge=1024, le=64 * 1024 * 1024)] = 1024 * 1024
@@ -110,6 +114,14 @@ class Settings(BaseModel):
                 f"is over {SUN_PATH_MAX} bytes the file name may have at most {SOCKET_NAME_MAX}")
         return value
 
+    @field_validator("ovmf_code", "ovmf_vars_template", "ovmf_secboot_code",
+                     "ovmf_secboot_vars_template")
+    @classmethod
+    def _absolute(cls, value: str) -> str:
+        if not value.startswith("/") or "\0" in value:
+            raise ValueError(f"must be an absolute path, not {value!r}")
+        return value
+
     @field_validator("qemu_binary")
     @classmethod
     def _qemu_binary(cls, value: str) -> str:
@@ -165,6 +177,10 @@ class Layout:
     @property
     def log_dir(self) -> Path:
         return self.state_dir / "log"
+
+    @property
+    def nvram_dir(self) -> Path:
+        return self.state_dir / "nvram"
 
     @property
     def domains_run_dir(self) -> Path:

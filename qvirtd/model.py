@@ -94,6 +94,10 @@ class BootDef(StrictModel):
         return self
 
 
+# Where a bootable device comes in the firmware's boot order (QEMU's bootindex, 1 first).
+BootOrder = Annotated[int, Field(ge=1, le=99)]
+
+
 class DiskDef(StrictModel):
     """A disk image file attached as virtio-blk (the device id is `id`)."""
 
@@ -102,6 +106,7 @@ class DiskDef(StrictModel):
     format: Literal["raw", "qcow2"] = "raw"
     readonly: bool = False
     bus: Literal["virtio"] = "virtio"
+    boot_order: BootOrder | None = None
 
 
 class CdromDef(StrictModel):
@@ -109,12 +114,14 @@ class CdromDef(StrictModel):
 
     id: DeviceId
     path: HostPath | None = None
+    boot_order: BootOrder | None = None
 
 
 class NicDef(StrictModel):
     """A virtio network card. `user` is QEMU's user-mode network; `tap`/`bridge` need the host."""
 
     id: DeviceId
+    boot_order: BootOrder | None = None
     backend: Literal["user", "tap", "bridge"] = "user"
     mac: Annotated[str, StringConstraints(pattern=MAC_PATTERN)] | None = None
     ifname: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.-]{1,15}$")] | None = None
@@ -138,6 +145,8 @@ class DomainDef(StrictModel):
     vcpus: int = Field(default=1, ge=1, le=MAX_VCPUS)
     accel: Accel = Accel.AUTO
     machine: Literal["q35"] = "q35"
+    firmware: Literal["bios", "uefi"] = "bios"
+    secure_boot: bool = False
     boot: BootDef | None = None
     disks: list[DiskDef] = Field(default_factory=list, max_length=MAX_DEVICES_PER_KIND)
     cdroms: list[CdromDef] = Field(default_factory=list, max_length=MAX_DEVICES_PER_KIND)
@@ -150,10 +159,22 @@ class DomainDef(StrictModel):
     @model_validator(mode="after")
     def _unique_device_ids(self) -> DomainDef:
         seen: set[str] = set()
+        orders: dict[int, str] = {}
         for dev in all_devices(self):
             if dev.id in seen:
                 raise ValueError(f"device id {dev.id!r} is used twice")
             seen.add(dev.id)
+            if dev.boot_order is not None:
+                if dev.boot_order in orders:
+                    raise ValueError(f"boot_order {dev.boot_order} is used by both "
+                                     f"{orders[dev.boot_order]!r} and {dev.id!r}")
+                orders[dev.boot_order] = dev.id
+        return self
+
+    @model_validator(mode="after")
+    def _secure_boot_needs_uefi(self) -> DomainDef:
+        if self.secure_boot and self.firmware != "uefi":
+            raise ValueError("secure_boot needs firmware 'uefi'")
         return self
 
 

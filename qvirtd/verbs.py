@@ -151,6 +151,11 @@ class DefineParams(Params):
     definition: dict[str, Any]
 
 
+class UndefineParams(NameParams):
+    nvram: bool = False
+    keep_nvram: bool = False
+
+
 class StartParams(NameParams):
     paused: bool = False
 
@@ -261,11 +266,14 @@ async def _define(s: Services, p: DefineParams, c: Connection) -> Any:
 
 
 @verb("undefine", "remove a persistent definition (a running domain becomes transient)",
-      NameParams, name_arg(),
+      UndefineParams, name_arg(),
+      Arg("nvram", "--nvram", ArgKind.FLAG, help="also remove its UEFI NVRAM"),
+      Arg("keep_nvram", "--keep-nvram", ArgKind.FLAG, help="keep its UEFI NVRAM"),
       human=lambda r: f"Domain '{r['name']}' undefined"
-      + (" (still running, now transient)" if r["transient"] else ""))
-async def _undefine(s: Services, p: NameParams, c: Connection) -> Any:
-    return await s.ops.undefine(p.name, c.caller.owner("undefine"))
+      + (" (still running, now transient)" if r["transient"] else "")
+      + (", NVRAM removed" if r.get("nvram_removed") else ""))
+async def _undefine(s: Services, p: UndefineParams, c: Connection) -> Any:
+    return await s.ops.undefine(p.name, c.caller.owner("undefine"), p.nvram, p.keep_nvram)
 
 
 @verb("list", "list domains (running ones, or --all)", ListParams,

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Install what qvirtd and its tests need from Debian, if it is missing: QEMU, qemu-img, and
+# Install what qvirtd and its tests need from Debian, if it is missing: QEMU, qemu-img, OVMF,
+# and
 # python3-venv (Debian's python3 cannot make a virtualenv without it), systemd-analyze (the unit
 # files are verified by the tests). Runs apt-get update
 # once, only when something has to be installed. Needs root for that.
@@ -10,6 +11,7 @@ command -v qemu-system-x86_64 >/dev/null 2>&1 || need+=(qemu-system-x86)
 command -v qemu-img >/dev/null 2>&1 || need+=(qemu-utils)
 command -v dpkg-deb >/dev/null 2>&1 || need+=(dpkg)
 command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)
+[ -f /usr/share/OVMF/OVMF_CODE_4M.fd ] || need+=(ovmf)  # firmware: uefi
 "${PYTHON:-python3}" -c 'import venv, ensurepip' >/dev/null 2>&1 || need+=(python3-venv)
 
 if [ ${#need[@]} -eq 0 ]; then

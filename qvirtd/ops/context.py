@@ -22,6 +22,7 @@ import os
 import shutil
 from collections.abc import AsyncIterator, Coroutine, Iterator
 from contextlib import asynccontextmanager, contextmanager
+from pathlib import Path
 from typing import Any
 
 from ..config import Layout, Settings
@@ -33,6 +34,7 @@ from ..job import AsyncJob, AsyncJobKind, Job, JobKind
 from ..locks import check_no_locks
 from ..loopwatch import LoopWatch
 from ..model import DomainState, Reason
+from ..qemu.firmware import Ovmf
 from ..qemu.process import ProcessTable
 from ..run import Run
 from ..status import status_path
@@ -55,6 +57,9 @@ class Context:
         self.writer = FileWriter()
         self.store = DefinitionStore(layout.definitions_dir, layout.autostart_dir, self.writer)
         self.processes = ProcessTable()
+        self.ovmf = Ovmf(Path(settings.ovmf_code), Path(settings.ovmf_vars_template),
+                         Path(settings.ovmf_secboot_code),
+                         Path(settings.ovmf_secboot_vars_template))
         self.loop_watch: LoopWatch | None = None  # rule L6 (started by the daemon)
         self._tasks: set[asyncio.Task[Any]] = set()
         self._qemu_time: float | None = None

@@ -31,6 +31,7 @@ from ..job import Job, JobKind
 from ..locks import LockWatch
 from ..model import DomainDef, DomainState, Reason
 from ..qemu.console import read_tail
+from ..qemu.firmware import check_images, nvram_files
 from ..qemu.qmp_policy import TAINT_CUSTOM_MONITOR, check_raw_command, refused_reason
 from ..run import CONSOLE_LOG
 from .context import Context
@@ -73,6 +74,7 @@ class Lifecycle:
                 f"invalid definition: {describe_validation_error(exc)}") from None
         except RecursionError:
             raise InvalidDefinitionError("definition: nested too deeply") from None
+        check_images(self.ctx.ovmf, definition)  # firmware files: a clear error now
         while True:
             try:
                 return await self._define(definition, "uuid" in raw, owner)
@@ -130,7 +132,10 @@ class Lifecycle:
         log.info("domain %s updated by %s", dom.name, owner)
         return {"name": dom.name, "uuid": dom.uuid, "created": False}
 
-    async def undefine(self, ident: str, owner: str) -> dict[str, Any]:
+    async def undefine(self, ident: str, owner: str, nvram: bool = False,
+                       keep_nvram: bool = False) -> dict[str, Any]:
+        """Remove the persistent definition (and its autostart mark). A domain with an
+        NVRAM (UEFI variables) needs `nvram` (remove it too) or `keep_nvram`, as in virsh."""
         ctx = self.ctx
         dom = await ctx.lookup(ident)
         async with ctx.job(dom, JobKind.MODIFY, owner):
@@ -138,6 +143,12 @@ class Lifecycle:
                 if not dom.persistent:
                     raise InvalidOperationError(f"domain '{dom.name}' is not persistent")
                 had_mark = dom.autostart
+            nvram_found = [p for p in nvram_files(ctx.layout.nvram_dir, dom.uuid)
+                           if await asyncio.to_thread(p.exists)]
+            if nvram_found and not (nvram or keep_nvram):
+                raise InvalidOperationError(
+                    f"domain '{dom.name}' has an NVRAM ({nvram_found[0]}): undefine it with "
+                    "--nvram to remove that too, or --keep-nvram to keep it")
             # The files go first (no lock held); if they cannot, nothing changes. The mark
             # goes before the definition: a mark left behind without its definition would
             # autostart the next domain defined under this name.
@@ -148,14 +159,19 @@ class Lifecycle:
                 if had_mark:
                     await self._restore_mark(dom, exc)
                 raise
+            if nvram:  # a running QEMU keeps its open file until it exits
+                for path in nvram_found:
+                    await ctx.writer.remove(path, durable=True)
             async with dom.lock:  # L3
                 dom.persistent_def = None
                 dom.autostart = False
                 ctx.emit(dom, "lifecycle", "undefined", "removed")
                 transient = dom.active  # it keeps running; its live definition stays
         await ctx.remove_if_unused(dom)  # L1: removal last, with no domain lock held
-        log.info("domain %s undefined by %s", dom.name, owner)
-        return {"name": dom.name, "transient": transient}
+        log.info("domain %s undefined by %s%s", dom.name, owner,
+                 " (NVRAM removed)" if nvram and nvram_found else "")
+        return {"name": dom.name, "transient": transient,
+                "nvram_removed": bool(nvram and nvram_found)}
 
     async def _restore_mark(self, dom: Domain, exc: StorageError) -> None:
         """undefine removed the autostart mark but not the definition: put the mark back.

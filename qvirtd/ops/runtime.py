@@ -38,6 +38,7 @@ from ..model import DomainState, LifecycleAction, Reason
 from ..qemu.accel import cpu_model, resolve_accel
 from ..qemu.argv import LaunchPaths, build_argv, port_plan, root_port_id, total_ports
 from ..qemu.console import ConsoleLog
+from ..qemu.firmware import prepare as firmware_for
 from ..qemu.monitor import Monitor
 from ..qemu.process import (
     QemuProcess,
@@ -191,9 +192,10 @@ class Runtime:
             # A daemon killed from here on finds this record and rolls the start back.
             await ctx.status_barrier(run)
             await self.test_pause()
+            firmware = await firmware_for(ctx.ovmf, ctx.layout.nvram_dir, definition)
             listeners = [_listener(run.monitor_socket), _listener(run.console_socket)]
             argv = build_argv(definition, accel, settings.qemu_binary, listeners[0].fileno(),
-                              LaunchPaths(run_dir), cpu, listeners[1].fileno())
+                              LaunchPaths(run_dir), cpu, listeners[1].fileno(), firmware)
             log_offset = await asyncio.to_thread(self._log_start, log_path, dom.name, argv)
             await self.enter_phase(dom, run, job, "spawn")
             process = await QemuProcess.spawn(argv, [s.fileno() for s in listeners], log_path,

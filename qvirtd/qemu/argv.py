@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ..model import CdromDef, DiskDef, DomainDef, NicDef
+from .firmware import CODE_NODE, VARS_NODE, Firmware
 
 MONITOR_FD_ID = "qmp"
 SERIAL_ID = "serial0"
@@ -91,8 +92,16 @@ def disk_blockdevs(disk: DiskDef) -> list[dict[str, Any]]:
     return [file_node, fmt_node]
 
 
+def _boot(dev: dict[str, Any], boot_order: int | None) -> dict[str, Any]:
+    """The device's place in the firmware's boot order (QEMU's bootindex), if it has one."""
+    if boot_order is not None:
+        dev["bootindex"] = boot_order
+    return dev
+
+
 def disk_device(disk: DiskDef, bus: str) -> dict[str, Any]:
-    return {"driver": "virtio-blk-pci", "id": disk.id, "drive": f"fmt-{disk.id}", "bus": bus}
+    return _boot({"driver": "virtio-blk-pci", "id": disk.id, "drive": f"fmt-{disk.id}",
+                  "bus": bus}, disk.boot_order)
 
 
 def cdrom_blockdevs(cdrom: CdromDef) -> list[dict[str, Any]]:
@@ -110,7 +119,7 @@ def cdrom_device(cdrom: CdromDef) -> dict[str, Any]:
     dev: dict[str, Any] = {"driver": "scsi-cd", "id": cdrom.id, "bus": f"{SCSI_ID}.0"}
     if cdrom.path is not None:
         dev["drive"] = f"fmt-{cdrom.id}"
-    return dev
+    return _boot(dev, cdrom.boot_order)
 
 
 def nic_netdev(nic: NicDef) -> dict[str, Any]:
@@ -124,10 +133,12 @@ def nic_netdev(nic: NicDef) -> dict[str, Any]:
 
 
 def nic_device(nic: NicDef, domain_uuid: str, bus: str) -> dict[str, Any]:
-    return {"driver": "virtio-net-pci", "id": nic.id, "netdev": f"net-{nic.id}",
-            "mac": nic.mac or default_mac(domain_uuid, nic.id), "bus": bus,
-            # No option ROM: nothing boots from the network, and none need be installed.
-            "romfile": ""}
+    dev: dict[str, Any] = {"driver": "virtio-net-pci", "id": nic.id, "netdev": f"net-{nic.id}",
+                           "mac": nic.mac or default_mac(domain_uuid, nic.id), "bus": bus}
+    if nic.boot_order is None:
+        # No option ROM: nothing boots from this NIC, and none need be installed.
+        dev["romfile"] = ""
+    return _boot(dev, nic.boot_order)
 
 
 @dataclass(frozen=True)
@@ -145,19 +156,25 @@ class LaunchPaths:
 
 def build_argv(definition: DomainDef, accel: str, qemu_binary: str, monitor_fd: int,
                paths: LaunchPaths, cpu: str | None = None,
-               console_fd: int | None = None) -> list[str]:
+               console_fd: int | None = None, firmware: Firmware | None = None) -> list[str]:
     """The full command line for `definition`, started paused (-S), its monitor and serial
     console served by QEMU on listening sockets passed as fds (the daemon connects to both).
     `cpu` is the `-cpu` model (qemu/accel.py picks it; None: QEMU's default); without
-    `console_fd` the serial port has no backend (benchmarks)."""
+    `console_fd` the serial port has no backend (benchmarks). `firmware`: OVMF as two pflash
+    devices (qemu/firmware.py); None for SeaBIOS."""
     d = definition
     uuid = str(d.uuid)
+    machine = {"accel": accel, "usb": "off", "dump_guest_core": "off"}
+    if firmware is not None:
+        machine.update(pflash0=CODE_NODE, pflash1=VARS_NODE)
+        if firmware.secure_boot:
+            machine["smm"] = "on"
     argv = [
         qemu_binary,
         "-name", opts("", guest=d.name, debug_threads="on"),
         "-uuid", uuid,
         "-S", "-no-shutdown", "-nodefaults", "-no-user-config",
-        "-machine", opts("q35", accel=accel, usb="off", dump_guest_core="off"),
+        "-machine", opts("q35", **machine),
         "-m", f"{d.memory_mib}M",
         "-smp", str(d.vcpus),
         "-display", "none",
@@ -174,6 +191,11 @@ def build_argv(definition: DomainDef, accel: str, qemu_binary: str, monitor_fd: 
     ]
     if cpu is not None:
         argv += ["-cpu", cpu]
+    if firmware is not None:
+        for node in firmware.blockdevs():
+            argv += ["-blockdev", jarg(node)]
+        if firmware.secure_boot:  # only SMM code may write the variable store
+            argv += ["-global", "driver=cfi.pflash01,property=secure,value=on"]
     if d.on_reboot is not d.on_reboot.RESTART:
         # Let a guest reboot stop QEMU (SHUTDOWN reason guest-reset) so on_reboot can act.
         argv += ["-no-reboot"]

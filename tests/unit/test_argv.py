@@ -25,7 +25,7 @@ FLAGS = {"-S", "-no-shutdown", "-nodefaults", "-no-user-config", "-no-reboot"}
 QEMUOPTS_OPTIONS = {"-machine", "-chardev", "-mon", "-name", "-action"}
 JSON_OPTIONS = {"-device", "-blockdev", "-netdev"}
 PLAIN_OPTIONS = {"-uuid", "-m", "-smp", "-display", "-cpu", "-kernel", "-initrd", "-append",
-                 "-pidfile"}
+                 "-pidfile", "-global"}
 CONSOLE_FD = 8
 
 HOSTILE = [
@@ -445,3 +445,43 @@ def test_root_ports_fit_on_pcie0_for_every_valid_definition(raw: dict[str, Any])
              if d["driver"] == "pcie-root-port"}
     assert len(ports) > PCIE0_FREE_SLOTS or raw.get("hotplug_ports") != 32
     assert len(slots) <= PCIE0_FREE_SLOTS
+
+
+# --- firmware and boot order -----------------------------------------------------------------
+
+def test_uefi_firmware_is_two_pflash_block_nodes() -> None:
+    from qvirtd.qemu.firmware import Firmware
+    fw = Firmware(Path("/usr/share/OVMF/OVMF_CODE_4M.fd"), Path("/var/lib/q/nvram/u_VARS.fd"),
+                  secure_boot=False)
+    definition = DomainDef.model_validate({"name": "vm", "firmware": "uefi"})
+    argv = build_argv(definition, "tcg", "qemu", 3, RUN, None, 4, fw)
+    machine = as_dict(args_of(argv, "-machine")[0])
+    assert (machine["pflash0"], machine["pflash1"]) == ("fw-code", "fw-vars")
+    assert "smm" not in machine and "-global" not in argv
+    nodes = {b["node-name"]: b for b in json_args(argv, "-blockdev")}
+    assert nodes["fw-code-file"]["filename"] == "/usr/share/OVMF/OVMF_CODE_4M.fd"
+    assert nodes["fw-code-file"]["read-only"] is True and nodes["fw-code"]["read-only"] is True
+    assert nodes["fw-vars-file"]["filename"] == "/var/lib/q/nvram/u_VARS.fd"
+    assert "read-only" not in nodes["fw-vars-file"]
+
+
+def test_secure_boot_turns_smm_and_secure_flash_on() -> None:
+    from qvirtd.qemu.firmware import Firmware
+    fw = Firmware(Path("/c.fd"), Path("/v.fd"), secure_boot=True)
+    definition = DomainDef.model_validate({"name": "vm", "firmware": "uefi",
+                                           "secure_boot": True})
+    argv = build_argv(definition, "tcg", "qemu", 3, RUN, None, 4, fw)
+    assert as_dict(args_of(argv, "-machine")[0])["smm"] == "on"
+    assert args_of(argv, "-global") == ["driver=cfi.pflash01,property=secure,value=on"]
+
+
+def test_boot_order_becomes_bootindex() -> None:
+    argv = build({"disks": [{"id": "d0", "path": "/a.img", "boot_order": 2},
+                            {"id": "d1", "path": "/b.img"}],
+                  "cdroms": [{"id": "cd0", "path": "/x.iso", "boot_order": 1}],
+                  "nics": [{"id": "n0", "boot_order": 3}, {"id": "n1"}]})
+    devices = {d.get("id"): d for d in json_args(argv, "-device")}
+    assert devices["d0"]["bootindex"] == 2 and "bootindex" not in devices["d1"]
+    assert devices["cd0"]["bootindex"] == 1
+    assert devices["n0"]["bootindex"] == 3 and "romfile" not in devices["n0"]  # boot ROM
+    assert devices["n1"]["romfile"] == "" and "bootindex" not in devices["n1"]

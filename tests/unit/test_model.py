@@ -328,3 +328,20 @@ def test_good_mac_is_accepted(mac: str) -> None:
 def test_bad_mac_is_refused(mac: str) -> None:
     with pytest.raises(ValidationError):
         NicDef.model_validate({"id": "n0", "mac": mac})
+
+
+def test_firmware_secure_boot_and_boot_order_are_checked() -> None:
+    from pydantic import ValidationError
+
+    from qvirtd.model import DomainDef
+    assert DomainDef.model_validate({"name": "vm"}).firmware == "bios"
+    with pytest.raises(ValidationError, match="secure_boot needs firmware 'uefi'"):
+        DomainDef.model_validate({"name": "vm", "secure_boot": True})
+    with pytest.raises(ValidationError, match="boot_order 1 is used by both 'd0' and 'n0'"):
+        DomainDef.model_validate({"name": "vm", "disks": [{"id": "d0", "path": "/a",
+                                                            "boot_order": 1}],
+                                  "nics": [{"id": "n0", "boot_order": 1}]})
+    with pytest.raises(ValidationError, match="firmware"):
+        DomainDef.model_validate({"name": "vm", "firmware": "coreboot"})
+    with pytest.raises(ValidationError, match="boot_order"):
+        DomainDef.model_validate({"name": "vm", "cdroms": [{"id": "c", "boot_order": 0}]})
