@@ -1,8 +1,7 @@
 #!/usr/bin/env bash
-# Install what qvirtd and its tests need from Debian, if it is missing: QEMU, qemu-img, OVMF,
-# and
-# python3-venv (Debian's python3 cannot make a virtualenv without it), systemd-analyze (the unit
-# files are verified by the tests). Runs apt-get update
+# Install what qvirtd and its tests need from Debian, if it is missing: QEMU, qemu-img, OVMF
+# (UEFI firmware), python3-venv (Debian's python3 cannot make a virtualenv without it),
+# systemd-analyze (the unit files are verified by the tests). Runs apt-get update
 # once, only when something has to be installed. Needs root for that.
 set -euo pipefail
 
