@@ -14,12 +14,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
+import termios
+import tty
 from pathlib import Path
 from typing import Any, NoReturn
 
 from . import __version__, text
-from .client import Client, ConnectionLost, RpcError
+from .client import Client, ConnectionLost, RpcError, open_stream
 from .config import default_socket
 from .rootlock import UnsafeDirectory, check_private_dir
 from .rpc.limits import MAX_JSON_DEPTH, nested_deeper_than
@@ -117,6 +120,8 @@ async def run(args: argparse.Namespace) -> int:
             check_private_dir(d)
         v = VERBS[args.verb]
         params = params_from(v, args)
+        if v.cli == "console":
+            return await console(socket_path, params)
         if v.cli == "event":
             return await _events(client, args, params)
         result = await client.call(v.name, params)
@@ -141,6 +146,67 @@ def _print(args: argparse.Namespace, v: Verb, result: Any) -> None:
         out = v.human(result)
         if out:
             print(out)
+
+
+ESCAPE = b"\x1d"  # Ctrl-], as in virsh
+
+
+async def console(socket_path: Path, params: dict[str, Any]) -> int:
+    """Attach this terminal to the guest's serial console until Ctrl-] (or the daemon ends
+    the session). The terminal is raw meanwhile (restored whatever happens)."""
+    _result, reader, writer = await open_stream(socket_path, "console", params)
+    readonly = bool(params.get("readonly"))
+    name = params["name"]
+    print(f"Connected to domain '{name}'" + (" (read-only)" if readonly else ""),
+          file=sys.stderr)
+    print("Escape character is ^] (Ctrl + ])", file=sys.stderr)
+    loop = asyncio.get_running_loop()
+    stdin = sys.stdin.fileno()
+    stdout = sys.stdout.buffer
+    detached = asyncio.Event()
+    saved = None
+    if os.isatty(stdin):
+        saved = termios.tcgetattr(stdin)
+        tty.setraw(stdin)
+
+    def keystrokes() -> None:
+        try:
+            data = os.read(stdin, 4096)
+        except OSError:
+            data = b""
+        if not data:
+            detached.set()
+            return
+        cut = data.find(ESCAPE)
+        if cut >= 0:
+            data = data[:cut]
+            detached.set()
+        if data and not readonly:
+            writer.write(data)
+
+    loop.add_reader(stdin, keystrokes)
+
+    async def output() -> None:
+        while True:
+            data = await reader.read(4096)
+            if not data:
+                return
+            stdout.write(data)
+            stdout.flush()
+
+    out = asyncio.create_task(output())
+    waiter = asyncio.create_task(detached.wait())
+    try:
+        await asyncio.wait({out, waiter}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        loop.remove_reader(stdin)
+        for task in (out, waiter):
+            task.cancel()
+        writer.close()
+        if saved is not None:
+            termios.tcsetattr(stdin, termios.TCSADRAIN, saved)
+    print("", file=sys.stderr)
+    return 0
 
 
 async def _events(client: Client, args: argparse.Namespace, params: dict[str, Any]) -> int:

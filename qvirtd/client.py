@@ -149,3 +149,33 @@ class Client:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
+
+
+async def open_stream(path: str | Path, method: str, params: dict[str, Any],
+                      timeout_s: float = 30.0) -> tuple[Any, asyncio.StreamReader,
+                                                        asyncio.StreamWriter]:
+    """Call an upgrade method (`console`) on a connection of its own: its result, then the
+    connection's reader and writer for the raw bytes that follow the reply (RpcError if
+    the daemon refused; the connection is then closed)."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        with short_path(Path(path)) as where:
+            sock.connect(where)  # local UNIX socket: does not block
+    except OSError:
+        sock.close()
+        raise
+    reader, writer = await asyncio.open_unix_connection(sock=sock)
+    try:
+        writer.write(json.dumps({"jsonrpc": "2.0", "id": 1, "method": method,
+                                 "params": params}).encode() + b"\n")
+        await writer.drain()
+        line = await asyncio.wait_for(reader.readline(), timeout_s)
+        if not line:
+            raise ConnectionLost("connection to qvirtd closed")
+        reply = json.loads(line)
+        if "error" in reply:
+            raise _rpc_error(reply["error"])
+        return reply.get("result"), reader, writer
+    except BaseException:
+        writer.close()
+        raise

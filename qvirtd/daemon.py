@@ -28,7 +28,7 @@ from .ops.reconnect import Reconnector
 from .ops.runtime import Runtime
 from .qemu.monitor import quieten_library_logging
 from .qemu.unixpath import short_path
-from .rpc.methods import build_methods
+from .rpc.methods import build_methods, upgrade_methods
 from .rpc.server import RpcServer
 from .systemd import listen_fds, sd_notify, watchdog_interval
 from .verbs import Services
@@ -88,7 +88,8 @@ class Daemon:
         self.server = RpcServer({}, settings.max_message_bytes,
                                 settings.max_requests_in_flight,
                                 build_methods(Services(self.ctx, self.ops, self.devices)),
-                                settings.client_write_timeout_s, settings=settings)
+                                settings.client_write_timeout_s, settings=settings,
+                                upgrade_methods=upgrade_methods())
         self._stop = asyncio.Event()
 
     def _prepare_dirs(self) -> None:
@@ -195,4 +196,4 @@ class Daemon:
                 if run is not None:
                     self.ctx.save_status(dom, run)
             if run is not None:
-                await run.close()
+                await run.close("qvirtd is stopping; the guest keeps running")

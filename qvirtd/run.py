@@ -32,7 +32,7 @@ from .status import DomainStatus, FollowUpRecord, JobRecord
 
 if TYPE_CHECKING:
     from .domain import Domain
-    from .qemu.console import ConsoleLog
+    from .qemu.console import SerialConsole
     from .qemu.monitor import Monitor
     from .qemu.process import QemuProcess
 
@@ -75,7 +75,7 @@ class Run:
         self.starting = False                   # a start is bringing it up (not yet running)
         self.process: QemuProcess | None = None
         self.monitor: Monitor | None = None
-        self.console: ConsoleLog | None = None
+        self.console: SerialConsole | None = None
         # Set when the daemon itself stops QEMU, so its exit is not taken for a crash.
         self.stop_reason: Reason | None = None
         self.saw_shutdown = False               # QEMU said SHUTDOWN before it went
@@ -138,10 +138,11 @@ class Run:
     def spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
         return self.own(asyncio.create_task(coro, name=name))
 
-    async def close(self) -> None:
+    async def close(self, why: str = "the domain stopped") -> None:
         """The run's own teardown (no lock held): stop its tasks, stop watching the process,
-        close the monitor and the console. Idempotent. The process itself is not touched: at
-        the end of a run it is gone, at a daemon stop it keeps running."""
+        close the monitor and the console (its attached clients are told `why`). Idempotent.
+        The process itself is not touched: at the end of a run it is gone, at a daemon stop
+        it keeps running."""
         current = asyncio.current_task()
         for task in list(self._tasks):
             if task is not current:
@@ -149,7 +150,7 @@ class Run:
         if self.process is not None:
             self.process.close()
         if self.console is not None:
-            self.console.close()
+            self.console.close(why)
         if self.monitor is not None:
             await self.monitor.close()
 

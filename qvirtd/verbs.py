@@ -107,6 +107,7 @@ class Verb:
     args: tuple[Arg, ...] = ()
     human: Callable[[Any], str] | None = None   # result -> text (None: JSON)
     stream: bool = False                         # the connection stays open (event, console)
+    upgrade: bool = False                        # after the reply, raw bytes (console)
     # qvirsh's own steps for a verb that needs more than call-and-print (event, list, ...).
     cli: str | None = None
 
@@ -116,11 +117,11 @@ VERBS: dict[str, Verb] = {}
 
 def verb(name: str, summary: str, params: type[Params], *args: Arg,
          human: Callable[[Any], str] | None = None, stream: bool = False,
-         cli: str | None = None) -> Callable[[Handler], Handler]:
+         upgrade: bool = False, cli: str | None = None) -> Callable[[Handler], Handler]:
     """Register the decorated handler as verb `name`."""
     def register(handler: Handler) -> Handler:
         assert name not in VERBS, f"verb {name} declared twice"
-        VERBS[name] = Verb(name, summary, params, handler, args, human, stream, cli)
+        VERBS[name] = Verb(name, summary, params, handler, args, human, stream, upgrade, cli)
         return handler
     return register
 
@@ -226,6 +227,11 @@ class EventParams(Params):
     domain: DomainIdent | None = None
     events: list[Annotated[str, Field(max_length=64)]] | None = None
     since_seq: Annotated[int, Field(ge=0)] | None = None
+
+
+class ConsoleParams(NameParams):
+    force: bool = False
+    readonly: bool = False
 
 
 class ConsoleLogParams(NameParams):
@@ -443,6 +449,18 @@ async def _change_media(s: Services, p: ChangeMediaParams, c: Connection) -> Any
       human=lambda r: r["text"].rstrip("\n"))
 async def _console_log(s: Services, p: ConsoleLogParams, c: Connection) -> Any:
     return await s.ops.console_log(p.name, p.max_bytes)
+
+
+@verb("console", "attach the terminal to the guest's serial console (Ctrl-] detaches)",
+      ConsoleParams, name_arg(),
+      Arg("force", "--force", ArgKind.FLAG, help="take over from another attached writer"),
+      Arg("readonly", "--readonly", ArgKind.FLAG,
+          help="watch only: keystrokes do not go to the guest (beside a writer)"),
+      stream=True, upgrade=True, cli="console")
+async def _console(s: Services, p: ConsoleParams, c: Connection) -> Any:
+    session = await s.ops.console(p.name, p.force, p.readonly, c, c.who())
+    c.upgrade(session)
+    return {"name": p.name, "readonly": p.readonly}
 
 
 @verb("daemon-stats", "daemon counters and lock statistics", NoParams,

@@ -30,7 +30,7 @@ from ..errors import (
 from ..job import Job, JobKind
 from ..locks import LockWatch
 from ..model import DomainDef, DomainState, Reason
-from ..qemu.console import read_tail
+from ..qemu.console import ConsoleSession, Peer, read_tail
 from ..qemu.firmware import check_images, nvram_files
 from ..qemu.qmp_policy import TAINT_CUSTOM_MONITOR, check_raw_command, refused_reason
 from ..run import CONSOLE_LOG
@@ -279,6 +279,22 @@ class Lifecycle:
                                                 "definition (it is transient)")
                 return dom.persistent_def.model_dump(mode="json")
             return dom.definition.model_dump(mode="json")
+
+    async def console(self, ident: str, force: bool, readonly: bool, peer: Peer,
+                      who: str) -> ConsoleSession:
+        """Attach `peer` to the domain's serial console: as its writer (one at a time;
+        `force` takes over) or read-only."""
+        dom = await self.ctx.lookup(ident)
+        async with dom.lock:  # L3
+            run = dom.run
+            console = run.console if run is not None else None
+            if run is None or console is None or console.closed:
+                raise InvalidOperationError(f"domain '{dom.name}' is not running" if run is None
+                                            else f"domain '{dom.name}': its console is not "
+                                            "connected (yet)")
+            session = ConsoleSession(console, peer, writer=not readonly, who=who)
+            console.attach(session, force)
+        return session
 
     async def console_log(self, ident: str, max_bytes: int) -> dict[str, Any]:
         dom = await self.ctx.lookup(ident)

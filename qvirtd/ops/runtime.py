@@ -37,7 +37,7 @@ from ..job import AsyncJob, AsyncJobKind, JobKind
 from ..model import DomainState, LifecycleAction, Reason
 from ..qemu.accel import cpu_model, resolve_accel
 from ..qemu.argv import LaunchPaths, build_argv, port_plan, root_port_id, total_ports
-from ..qemu.console import ConsoleLog
+from ..qemu.console import SerialConsole
 from ..qemu.firmware import prepare as firmware_for
 from ..qemu.monitor import Monitor
 from ..qemu.process import (
@@ -285,7 +285,7 @@ class Runtime:
         await self.connect_console(dom, run)
 
     async def connect_console(self, dom: Domain, run: Run) -> None:
-        console = ConsoleLog(dom.name, run.console_socket, run.console_log, self.ctx.writer,
+        console = SerialConsole(dom.name, run.console_socket, run.console_log, self.ctx.writer,
                              self.ctx.settings.console_log_max_bytes)
         await console.connect(self.ctx.settings.monitor_connect_timeout_s)
         async with dom.lock:  # L5

@@ -15,7 +15,7 @@ from ..verbs import VERBS, Caller, EventParams, Params, Services
 if TYPE_CHECKING:
     from .server import Connection
 
-__all__ = ["Caller", "EventParams", "Method", "Params", "build_methods"]
+__all__ = ["Caller", "EventParams", "Method", "Params", "build_methods", "upgrade_methods"]
 
 Handler = Callable[[Any, Caller], Awaitable[Any]]
 ConnectionHandler = Callable[["Connection", Any], Awaitable[Any]]
@@ -26,6 +26,11 @@ class Method:
     params: type[Params]
     handler: Handler
     doc: str
+
+
+def upgrade_methods() -> frozenset[str]:
+    """The methods after whose reply the connection carries raw bytes (console)."""
+    return frozenset(name for name, v in VERBS.items() if v.upgrade)
 
 
 def build_methods(svc: Services) -> dict[str, tuple[type[Params], ConnectionHandler]]:

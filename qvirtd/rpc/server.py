@@ -24,6 +24,12 @@ One client can never hurt the daemon or the other clients:
 * every request runs as its own task, so a client that disconnects does not cancel an
   operation half-way (the reply is simply dropped); everything else the connection owns
   (subscriptions, replay tasks, its writer) ends with it.
+
+A method in `upgrade_methods` (`console`) turns the connection into a raw byte stream: the
+daemon stops reading JSON as soon as it sees the request, runs it inline, sends its reply
+line, and from then on the connection carries raw bytes both ways for the session the
+handler attached (`Connection.upgrade`), until either side closes. Raw output goes through
+the same bounded outbound queue; a client that does not read it is detached.
 """
 
 from __future__ import annotations
@@ -36,7 +42,7 @@ import resource
 import socket
 import struct
 from collections.abc import Awaitable, Callable, Coroutine
-from typing import Any
+from typing import Any, Protocol
 
 from pydantic import ValidationError
 
@@ -73,6 +79,15 @@ MAX_REFUSED_LINGERING = 16
 
 # A method that needs the connection itself (it streams to it): params model and handler.
 ConnectionMethod = tuple[type[Params], Callable[["Connection", Any], Awaitable[Any]]]
+
+
+class Upgrade(Protocol):
+    """What an upgraded connection serves: raw bytes in (`run`) until it ends (`end`)."""
+
+    closed: bool
+
+    async def run(self, reader: asyncio.StreamReader) -> None: ...
+    def end(self, abort: bool = False) -> None: ...
 
 
 def peer_credentials(writer: asyncio.StreamWriter) -> Caller:
@@ -133,6 +148,7 @@ class Connection:
         self.streams: set[EventStream] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self._saturated = False  # waited CAP_WAIT_S at the cap: refuse until a slot frees
+        self.upgraded: Upgrade | None = None  # a raw session (console) once upgraded
         # Received a request, or finished one: the idle time counts from the later.
         self.last_active = asyncio.get_running_loop().time()
 
@@ -168,6 +184,15 @@ class Connection:
                                       f"internal error: the reply cannot be encoded: {exc}"))
         if not self.outbound.offer(data, self.outbound.replies):
             self._over_bound(len(data))
+
+    def send_raw(self, data: bytes) -> bool:
+        """Raw bytes of an upgraded connection; False if they do not fit (not reading)."""
+        return self.outbound.offer(data)
+
+    def upgrade(self, session: Upgrade) -> None:
+        """Called by an upgrade method's handler: after its reply, the connection is the
+        session's (raw bytes both ways)."""
+        self.upgraded = session
 
     def _over_bound(self, size: int) -> None:
         self.cut_off(f"a message of {size} bytes would take its outbound queue past "
@@ -213,6 +238,8 @@ class Connection:
         if self.closed:
             return
         self.closed = True
+        if self.upgraded is not None and not self.upgraded.closed:
+            self.upgraded.end(abort)
         for stream in list(self.streams):
             stream.close()
         self.streams.clear()
@@ -282,6 +309,11 @@ class Connection:
                     if bad >= MAX_BAD_MESSAGES:
                         break
                     continue
+                if (isinstance(msg, dict) and msg.get("method") in server.upgrade_methods
+                        and msg.get("jsonrpc") == "2.0"):
+                    if await self._upgrade(msg):
+                        break  # the session ran; the connection is over
+                    continue
                 if self.in_flight >= server.max_in_flight:
                     await self._wait_for_slot()  # reads nothing more meanwhile
                     if self.closed:
@@ -318,6 +350,26 @@ class Connection:
                 async with asyncio.timeout(remaining):
                     await self.outbound.pulse.wait()
         self._saturated = False
+
+    async def _upgrade(self, msg: dict[str, Any]) -> bool:
+        """Run an upgrade method inline (nothing more is read as JSON meanwhile), reply, then
+        serve the session it attached until it ends. False if it attached none (an error
+        reply: the connection stays JSON)."""
+        req_id = msg.get("id")
+        if not isinstance(req_id, str | int) or isinstance(req_id, bool):
+            req_id = None
+        self.running += 1
+        try:
+            reply = await self.server.dispatch(self, msg, req_id)
+        finally:
+            self.running -= 1
+        self._reply(reply, req_id)
+        session = self.upgraded
+        if session is None or "error" in reply:
+            self.upgraded = None
+            return False
+        await session.run(self.reader)
+        return True
 
     def _accept(self, msg: Any) -> bool:
         """Validate the envelope and start the request's task; False for a bad envelope."""
@@ -365,8 +417,10 @@ class RpcServer:
     def __init__(self, methods: dict[str, Method], max_message_bytes: int,
                  max_in_flight: int,
                  connection_methods: dict[str, ConnectionMethod] | None = None,
-                 write_timeout_s: float = 10.0, *, settings: Settings | None = None) -> None:
+                 write_timeout_s: float = 10.0, *, settings: Settings | None = None,
+                 upgrade_methods: frozenset[str] = frozenset()) -> None:
         self.methods = methods
+        self.upgrade_methods = upgrade_methods
         self.max_message_bytes = max_message_bytes
         self.max_in_flight = max_in_flight
         self.write_timeout_s = write_timeout_s
@@ -448,7 +502,7 @@ class RpcServer:
         limit = self.idle_timeout_s
         for conn in list(self.connections):
             if (not conn.closed and conn.in_flight == 0 and not conn.streams
-                    and now - conn.last_active >= limit):
+                    and conn.upgraded is None and now - conn.last_active >= limit):
                 self.idle_closed += 1
                 log.info("closing the idle connection of %s (client_idle_timeout_s %g)",
                          conn.who(), limit)
