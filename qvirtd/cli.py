@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import json
 import os
 import sys
@@ -125,6 +126,8 @@ async def run(args: argparse.Namespace) -> int:
         if v.cli == "event":
             return await _events(client, args, params)
         result = await client.call(v.name, params)
+        if v.cli == "screenshot":
+            return _save_screenshot(args, result)
         _print(args, v, result)
         if v.cli == "list" and not args.json:
             for warning in await client.call("daemon-warnings"):
@@ -146,6 +149,21 @@ def _print(args: argparse.Namespace, v: Verb, result: Any) -> None:
         out = v.human(result)
         if out:
             print(out)
+
+
+def _save_screenshot(args: argparse.Namespace, result: dict[str, Any]) -> int:
+    data = base64.b64decode(result.pop("data"))
+    try:
+        Path(args.file).write_bytes(data)
+    except OSError as exc:
+        raise UsageError(f"cannot write {args.file}: {exc.strerror}") from exc
+    result["file"] = args.file
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(f"Screenshot of '{result['name']}' saved to {args.file} ({len(data)} bytes, "
+              f"{result['format'].upper()})")
+    return 0
 
 
 ESCAPE = b"\x1d"  # Ctrl-], as in virsh

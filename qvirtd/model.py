@@ -136,6 +136,17 @@ class NicDef(StrictModel):
         return self
 
 
+class GraphicsDef(StrictModel):
+    """A screen: a VGA card and QEMU's VNC server, on a UNIX socket in the run directory
+    (`unix`, the default) or on a loopback TCP port the daemon has QEMU pick (`tcp`)."""
+
+    type: Literal["vnc"]
+    listen: Literal["unix", "tcp"] = "unix"
+    # VNC's own password scheme keeps 8 characters; refuse more rather than cut them.
+    password: Annotated[str, StringConstraints(min_length=1, max_length=8,
+                                               pattern=r"^[\x21-\x7e]+$")] | None = None
+
+
 class DomainDef(StrictModel):
     """A domain definition: the persistent one on disk, or the live one of a running domain."""
 
@@ -147,6 +158,7 @@ class DomainDef(StrictModel):
     machine: Literal["q35"] = "q35"
     firmware: Literal["bios", "uefi"] = "bios"
     secure_boot: bool = False
+    graphics: GraphicsDef | None = None
     boot: BootDef | None = None
     disks: list[DiskDef] = Field(default_factory=list, max_length=MAX_DEVICES_PER_KIND)
     cdroms: list[CdromDef] = Field(default_factory=list, max_length=MAX_DEVICES_PER_KIND)

@@ -463,6 +463,19 @@ async def _console(s: Services, p: ConsoleParams, c: Connection) -> Any:
     return {"name": p.name, "readonly": p.readonly}
 
 
+@verb("domdisplay", "how to reach the domain's screen (a VNC URI)", NameParams, name_arg(),
+      human=lambda r: r["uri"])
+async def _domdisplay(s: Services, p: NameParams, c: Connection) -> Any:
+    return await s.ops.domdisplay(p.name, c.caller.owner("domdisplay"))
+
+
+@verb("screenshot", "save the domain's screen as a PNG file", NameParams, name_arg(),
+      Arg("", metavar="FILE", dest="file", help="where qvirsh writes the PNG"),
+      cli="screenshot")
+async def _screenshot(s: Services, p: NameParams, c: Connection) -> Any:
+    return await s.ops.screenshot(p.name, c.caller.owner("screenshot"))
+
+
 @verb("daemon-stats", "daemon counters and lock statistics", NoParams,
       human=text.pretty_json)
 async def _daemon_stats(s: Services, p: NoParams, c: Connection) -> Any:

@@ -9,10 +9,13 @@ domain is logged with it.
 from __future__ import annotations
 
 import asyncio
+import base64
 import builtins
 import logging
 import os
 import resource
+import secrets
+from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
@@ -30,6 +33,7 @@ from ..errors import (
 from ..job import Job, JobKind
 from ..locks import LockWatch
 from ..model import DomainDef, DomainState, Reason
+from ..qemu.argv import LaunchPaths
 from ..qemu.console import ConsoleSession, Peer, read_tail
 from ..qemu.firmware import check_images, nvram_files
 from ..qemu.qmp_policy import TAINT_CUSTOM_MONITOR, check_raw_command, refused_reason
@@ -38,6 +42,22 @@ from .context import Context
 from .runtime import DESTROY_RECORD_S, Runtime
 
 log = logging.getLogger(__name__)
+
+
+MAX_SCREENSHOT_BYTES = 32 * 1024 * 1024
+VNC_BASE_PORT = 5900
+
+
+def _read_bounded(path: Path, limit: int) -> bytes:
+    """Blocking (worker thread): a file QEMU wrote, refused past `limit` bytes."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(limit + 1)
+    except OSError as exc:
+        raise StorageError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    if len(data) > limit:
+        raise QvirtError(f"the screenshot is larger than {limit} bytes")
+    return data
 
 
 def _rss_kib() -> int:
@@ -295,6 +315,53 @@ class Lifecycle:
             session = ConsoleSession(console, peer, writer=not readonly, who=who)
             console.attach(session, force)
         return session
+
+    async def domdisplay(self, ident: str, owner: str) -> dict[str, Any]:
+        """How to reach the domain's screen: its VNC socket, or the port QEMU picked."""
+        ctx = self.ctx
+        dom = await ctx.lookup(ident)
+        async with dom.lock:  # L3
+            run = ctx.running(dom)
+            graphics = run.definition.graphics
+            if graphics is None:
+                raise InvalidOperationError(f"domain '{dom.name}' has no graphics (add "
+                                            "\"graphics\": {\"type\": \"vnc\"} to it)")
+        out: dict[str, Any] = {"name": dom.name, "type": graphics.type,
+                               "listen": graphics.listen,
+                               "password": graphics.password is not None}
+        if graphics.listen == "unix":
+            socket_path = LaunchPaths(run.run_dir).vnc_socket
+            out.update(socket=str(socket_path), uri=f"vnc+unix://{socket_path}")
+            return out
+        async with ctx.job(dom, JobKind.QUERY, owner):
+            vnc = await ctx.qmp(dom, run, "query-vnc", what="domdisplay")
+        port = int(vnc.get("service", 0))
+        out.update(host=vnc.get("host"), port=port,
+                   uri=f"vnc://{vnc.get('host')}:{port - VNC_BASE_PORT}")
+        return out
+
+    async def screenshot(self, ident: str, owner: str) -> dict[str, Any]:
+        """The domain's screen now, as PNG (QMP screendump into the run directory, read
+        back off the loop, returned to the client: the daemon never writes where a client
+        says)."""
+        ctx = self.ctx
+        dom = await ctx.lookup(ident)
+        async with ctx.job(dom, JobKind.QUERY, owner):
+            async with dom.lock:  # L3
+                run = ctx.running(dom)
+                if run.definition.graphics is None:
+                    raise InvalidOperationError(f"domain '{dom.name}' has no graphics: "
+                                                "nothing to take a screenshot of")
+                path = run.run_dir / f"screenshot-{secrets.token_hex(6)}.png"
+            try:
+                await ctx.qmp(dom, run, "screendump", {"filename": str(path),
+                                                       "format": "png"}, what="screenshot")
+                data = await asyncio.to_thread(_read_bounded, path, MAX_SCREENSHOT_BYTES)
+            finally:
+                await ctx.writer.remove(path, durable=False)
+        log.info("domain %s: screenshot (%d bytes) for %s", dom.name, len(data), owner)
+        return {"name": dom.name, "format": "png", "bytes": len(data),
+                "data": base64.b64encode(data).decode()}
 
     async def console_log(self, ident: str, max_bytes: int) -> dict[str, Any]:
         dom = await self.ctx.lookup(ident)

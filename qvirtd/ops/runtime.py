@@ -194,6 +194,8 @@ class Runtime:
             await self.test_pause()
             firmware = await firmware_for(ctx.ovmf, ctx.layout.nvram_dir, definition)
             listeners = [_listener(run.monitor_socket), _listener(run.console_socket)]
+            with contextlib.suppress(FileNotFoundError):  # QEMU binds the VNC socket itself
+                LaunchPaths(run_dir).vnc_socket.unlink()
             argv = build_argv(definition, accel, settings.qemu_binary, listeners[0].fileno(),
                               LaunchPaths(run_dir), cpu, listeners[1].fileno(), firmware)
             log_offset = await asyncio.to_thread(self._log_start, log_path, dom.name, argv)
@@ -278,6 +280,12 @@ class Runtime:
             monitor = run.monitor
         assert monitor is not None
         await monitor.connect(run.monitor_socket, settings.monitor_connect_timeout_s)
+        graphics = run.definition.graphics
+        if graphics is not None and graphics.password and run.starting:
+            # Before the guest runs: the password never travels on the command line.
+            await self.ctx.qmp(dom, run, "set_password",
+                               {"protocol": "vnc", "password": graphics.password},
+                               what="start")
         if run.process is not None:
             # QEMU answers: whatever wrapper started it has exec'd it by now. This is the
             # executable a restarted daemon will expect behind the pid.
@@ -369,9 +377,10 @@ class Runtime:
                           ("stopped", STOP_DETAIL.get(reason, "shutdown")))
             dom.run = None
             run.spawned.set()
+            paths = LaunchPaths(run.run_dir)
             removals = [ctx.writer.remove(path, durable=False) for path in (
                 status_path(run.run_dir), run.monitor_socket, run.console_socket,
-                LaunchPaths(run.run_dir).pidfile)]
+                paths.pidfile, paths.vnc_socket)]
         await run.close()
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(TEARDOWN_FILES_S):

@@ -18,14 +18,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..errors import InvalidDefinitionError
 from ..model import CdromDef, DiskDef, DomainDef, NicDef
 from .firmware import CODE_NODE, VARS_NODE, Firmware
+from .unixpath import SUN_PATH_MAX
 
 MONITOR_FD_ID = "qmp"
 SERIAL_ID = "serial0"
 SCSI_ID = "scsi0"
+VIDEO_ID = "video0"
 # QEMU devices that are ours, not the user's: never compared with the definition's devices.
-INFRASTRUCTURE_IDS = frozenset({SERIAL_ID, SCSI_ID, "pvpanic0"})
+INFRASTRUCTURE_IDS = frozenset({SERIAL_ID, SCSI_ID, "pvpanic0", VIDEO_ID})
+# A TCP VNC server takes the first free display from 0 (port 5900) to this one.
+VNC_LAST_DISPLAY = 99
 
 
 def opt(value: str) -> str:
@@ -153,6 +158,25 @@ class LaunchPaths:
     def pidfile(self) -> Path:
         return self.run_dir / "qemu.pid"
 
+    @property
+    def vnc_socket(self) -> Path:
+        return self.run_dir / "vnc.sock"
+
+
+def vnc_option(definition: DomainDef, paths: LaunchPaths) -> str:
+    """`-vnc` for the definition's screen: a UNIX socket in the run directory, or the first
+    free loopback port from 5900 (QEMU picks it; `query-vnc` says which)."""
+    graphics = definition.graphics
+    assert graphics is not None
+    extra = {"password": "on"} if graphics.password else {}
+    if graphics.listen == "tcp":
+        return opts("127.0.0.1:0", to=str(VNC_LAST_DISPLAY), **extra)
+    if len(str(paths.vnc_socket).encode()) > SUN_PATH_MAX:  # QEMU binds it itself
+        raise InvalidDefinitionError(
+            f"graphics: the VNC socket {paths.vnc_socket} is longer than a UNIX socket path "
+            f"may be ({SUN_PATH_MAX} bytes): use \"listen\": \"tcp\", or a shorter root")
+    return opts(f"unix:{paths.vnc_socket}", **extra)
+
 
 def build_argv(definition: DomainDef, accel: str, qemu_binary: str, monitor_fd: int,
                paths: LaunchPaths, cpu: str | None = None,
@@ -177,7 +201,7 @@ def build_argv(definition: DomainDef, accel: str, qemu_binary: str, monitor_fd: 
         "-machine", opts("q35", **machine),
         "-m", f"{d.memory_mib}M",
         "-smp", str(d.vcpus),
-        "-display", "none",
+        "-display", "none",  # no local window; a screen, if any, is served over VNC
         "-chardev", opts("socket", id=MONITOR_FD_ID, fd=str(monitor_fd), server="on",
                          wait="off"),
         "-mon", opts("", chardev=MONITOR_FD_ID, mode="control"),
@@ -191,6 +215,9 @@ def build_argv(definition: DomainDef, accel: str, qemu_binary: str, monitor_fd: 
     ]
     if cpu is not None:
         argv += ["-cpu", cpu]
+    if d.graphics is not None:
+        argv += ["-vnc", vnc_option(d, paths),
+                 "-device", jarg({"driver": "VGA", "id": VIDEO_ID, "bus": "pcie.0"})]
     if firmware is not None:
         for node in firmware.blockdevs():
             argv += ["-blockdev", jarg(node)]
