@@ -11,7 +11,7 @@ from __future__ import annotations
 import enum
 import re
 import uuid as uuid_mod
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     AfterValidator,
@@ -147,6 +147,28 @@ class GraphicsDef(StrictModel):
                                                pattern=r"^[\x21-\x7e]+$")] | None = None
 
 
+MAX_CLOUD_INIT_TEXT = 256 * 1024
+
+
+def _no_nul(value: str) -> str:
+    if "\x00" in value:
+        raise ValueError("must not contain NUL")
+    return value
+
+
+CloudInitText = Annotated[str, StringConstraints(max_length=MAX_CLOUD_INIT_TEXT),
+                          AfterValidator(_no_nul)]
+
+
+class CloudInitDef(StrictModel):
+    """A cloud-init NoCloud seed (cloudinit.py): built at each start as an ISO 9660 image
+    labelled `cidata` and attached read-only as the CD-ROM `cidata`."""
+
+    user_data: CloudInitText = ""
+    meta_data: dict[str, Any] | CloudInitText | None = None
+    network_config: dict[str, Any] | CloudInitText | None = None
+
+
 class DomainDef(StrictModel):
     """A domain definition: the persistent one on disk, or the live one of a running domain."""
 
@@ -159,6 +181,7 @@ class DomainDef(StrictModel):
     firmware: Literal["bios", "uefi"] = "bios"
     secure_boot: bool = False
     graphics: GraphicsDef | None = None
+    cloud_init: CloudInitDef | None = None
     boot: BootDef | None = None
     disks: list[DiskDef] = Field(default_factory=list, max_length=MAX_DEVICES_PER_KIND)
     cdroms: list[CdromDef] = Field(default_factory=list, max_length=MAX_DEVICES_PER_KIND)
@@ -181,6 +204,14 @@ class DomainDef(StrictModel):
                     raise ValueError(f"boot_order {dev.boot_order} is used by both "
                                      f"{orders[dev.boot_order]!r} and {dev.id!r}")
                 orders[dev.boot_order] = dev.id
+        return self
+
+    @model_validator(mode="after")
+    def _cidata_is_reserved(self) -> DomainDef:
+        # At start the seed becomes the CD-ROM `cidata` of the live definition (which then
+        # has no `cloud_init`: the CD-ROM is what QEMU has).
+        if self.cloud_init is not None and any(d.id == "cidata" for d in all_devices(self)):
+            raise ValueError("device id 'cidata' is taken by the cloud-init seed's CD-ROM")
         return self
 
     @model_validator(mode="after")

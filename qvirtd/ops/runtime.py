@@ -24,6 +24,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from ..cloudinit import SEED_FILE, attach_seed
 from ..domain import Domain
 from ..errors import (
     DomainBusyError,
@@ -193,6 +194,13 @@ class Runtime:
             await ctx.status_barrier(run)
             await self.test_pause()
             firmware = await firmware_for(ctx.ovmf, ctx.layout.nvram_dir, definition)
+            live = await attach_seed(definition, run_dir)  # cloud-init: the seed CD-ROM
+            if live is not definition:
+                async with dom.lock:  # L3: the JSON config names the seed before QEMU has it
+                    ctx.ensure_current(dom, run, "start")
+                    definition = run.definition = live
+                    ctx.save_status(dom, run)
+                await ctx.status_barrier(run)
             listeners = [_listener(run.monitor_socket), _listener(run.console_socket)]
             with contextlib.suppress(FileNotFoundError):  # QEMU binds the VNC socket itself
                 LaunchPaths(run_dir).vnc_socket.unlink()
@@ -380,7 +388,7 @@ class Runtime:
             paths = LaunchPaths(run.run_dir)
             removals = [ctx.writer.remove(path, durable=False) for path in (
                 status_path(run.run_dir), run.monitor_socket, run.console_socket,
-                paths.pidfile, paths.vnc_socket)]
+                paths.pidfile, paths.vnc_socket, run.run_dir / SEED_FILE)]
         await run.close()
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(TEARDOWN_FILES_S):
