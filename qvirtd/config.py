@@ -39,6 +39,7 @@ class Settings(BaseModel):
     monitor_timeout_s: Annotated[float, Field(gt=0, le=3600)] = 10.0
     monitor_connect_timeout_s: Annotated[float, Field(gt=0, le=3600)] = 10.0
     monitor_reconnect_interval_s: Annotated[float, Field(gt=0, le=3600)] = 5.0
+    agent_timeout_s: Annotated[float, Field(gt=0, le=3600)] = 10.0
     destroy_grace_s: Annotated[float, Field(ge=0, le=600)] = 3.0
     process_exit_timeout_s: Annotated[float, Field(gt=0, le=600)] = 5.0
     shutdown_wait_default_s: Annotated[float, Field(gt=0, le=86400)] = 60.0

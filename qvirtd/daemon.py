@@ -23,6 +23,7 @@ from .locks import LockWatch
 from .loopwatch import LoopWatch
 from .ops.context import Context
 from .ops.devices import Devices
+from .ops.guest import Guest
 from .ops.lifecycle import Lifecycle
 from .ops.reconnect import Reconnector
 from .ops.runtime import Runtime
@@ -81,13 +82,15 @@ class Daemon:
         self.layout = layout
         self.ctx = Context(settings, layout)
         self.runtime = Runtime(self.ctx)
-        self.ops = Lifecycle(self.ctx, self.runtime)
+        self.guest = Guest(self.ctx)
+        self.ops = Lifecycle(self.ctx, self.runtime, self.guest)
         self.reconnector = Reconnector(self.ctx, self.runtime)
         self.devices = Devices(self.ctx)
         # Every verb of the registry (qvirtd/verbs.py) is a method of the server.
         self.server = RpcServer({}, settings.max_message_bytes,
                                 settings.max_requests_in_flight,
-                                build_methods(Services(self.ctx, self.ops, self.devices)),
+                                build_methods(Services(self.ctx, self.ops, self.devices,
+                                                       self.guest)),
                                 settings.client_write_timeout_s, settings=settings,
                                 upgrade_methods=upgrade_methods())
         self._stop = asyncio.Event()

@@ -23,6 +23,9 @@ class Domain:
         self.uuid = str(definition.uuid)
         self.lock = TrackedLock(f"domain:{self.name}")
         self.job = JobCondition(self.lock, self.name)
+        # The guest agent's own job (as libvirt's agent jobs): an agent call never waits for
+        # a monitor job, nor the reverse.
+        self.agent_job = JobCondition(self.lock, self.name, "agent job")
         self.persistent_def: DomainDef | None = definition if persistent else None
         self.autostart = autostart
         self.state = DomainState.SHUTOFF
@@ -70,6 +73,7 @@ class Domain:
             "autostart": self.autostart,
             "accel": run.accel if run is not None else str(d.accel),
             "job": self.job.describe(),
+            "agent_job": self.agent_job.describe()["job"],
             "tainted": list(run.tainted) if run is not None else [],
         }
 

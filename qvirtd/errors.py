@@ -15,6 +15,7 @@ so that `qvirsh` can print it as it is. One root, `QvirtError`; the tree (kind i
      |    +-- MonitorTimeoutError [monitor-timeout]
      |    +-- MonitorClosedError [monitor-closed]
      +-- DomainGoneError [domain-gone]
+     +-- AgentError [agent]                       the guest agent: not there, no answer, refused
      +-- ProcessError [process]
      +-- StorageError [storage]                   a file could not be written; names the path
      +-- RawQmpRefusedError [qmp-refused]         qemu-monitor-command without --force
@@ -87,6 +88,12 @@ class DomainGoneError(QvirtError):
     """The domain stopped (or was restarted) while the operation waited on something."""
 
     kind = "domain-gone"
+
+
+class AgentError(QvirtError):
+    """The guest agent is not connected, did not answer within agent_timeout_s, or refused."""
+
+    kind = "agent"
 
 
 class ProcessError(QvirtError):

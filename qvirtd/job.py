@@ -75,12 +75,13 @@ class Job:
     kind: JobKind
     owner: str
     nested_in: AsyncJob | None = None
+    label: str = "job"
     since: float = field(default_factory=time.monotonic)
     started_at: str = field(default_factory=_now_iso)
 
     def describe(self, now: float | None = None) -> str:
         held = (now if now is not None else time.monotonic()) - self.since
-        return f"job '{self.kind}' for '{self.owner}' (held for {held:.1f} s)"
+        return f"{self.label} '{self.kind}' for '{self.owner}' (held for {held:.1f} s)"
 
     def info(self) -> dict[str, Any]:
         return {"kind": str(self.kind), "owner": self.owner, "started": self.started_at,
@@ -167,10 +168,11 @@ class AsyncJob:
 class JobCondition:
     """The per-domain job slots. Every method must be called with the domain lock held."""
 
-    def __init__(self, lock: TrackedLock, domain_name: str) -> None:
+    def __init__(self, lock: TrackedLock, domain_name: str, label: str = "job") -> None:
         self._lock = lock
         self._cond = asyncio.Condition(lock)
         self.domain_name = domain_name
+        self.label = label  # "job", or "agent job" for the guest agent's own condition
         self.sync_job: Job | None = None
         self.async_job: AsyncJob | None = None
 
@@ -222,8 +224,8 @@ class JobCondition:
             raise RuntimeError(f"{nested.describe()} is not the async job of domain "
                                f"'{self.domain_name}'")
         await self._wait_until(lambda: self._can_start(kind, nested),
-                               f"job '{kind}' for '{owner}'", timeout_s)
-        self.sync_job = Job(kind, owner, nested)
+                               f"{self.label} '{kind}' for '{owner}'", timeout_s)
+        self.sync_job = Job(kind, owner, nested, self.label)
         return self.sync_job
 
     async def acquire_async(self, kind: AsyncJobKind, owner: str,

@@ -182,6 +182,7 @@ class DomainDef(StrictModel):
     secure_boot: bool = False
     graphics: GraphicsDef | None = None
     cloud_init: CloudInitDef | None = None
+    guest_agent: bool = False
     boot: BootDef | None = None
     disks: list[DiskDef] = Field(default_factory=list, max_length=MAX_DEVICES_PER_KIND)
     cdroms: list[CdromDef] = Field(default_factory=list, max_length=MAX_DEVICES_PER_KIND)

@@ -32,6 +32,7 @@ from .status import DomainStatus, FollowUpRecord, JobRecord
 
 if TYPE_CHECKING:
     from .domain import Domain
+    from .qemu.agent import GuestAgent
     from .qemu.console import SerialConsole
     from .qemu.monitor import Monitor
     from .qemu.process import QemuProcess
@@ -41,6 +42,7 @@ log = logging.getLogger(__name__)
 MONITOR_SOCKET = "monitor.sock"
 CONSOLE_SOCKET = "console.sock"
 CONSOLE_LOG = "console.log"
+AGENT_SOCKET = "agent.sock"
 
 # One run's QMP events on their way to its pump: (name, data, QEMU's timestamp).
 QmpQueue = asyncio.Queue[tuple[str, dict[str, Any], float | None]]
@@ -76,6 +78,8 @@ class Run:
         self.process: QemuProcess | None = None
         self.monitor: Monitor | None = None
         self.console: SerialConsole | None = None
+        self.agent: GuestAgent | None = None
+        self.agent_connected: bool | None = None  # the guest side (VSERPORT_CHANGE)
         # Set when the daemon itself stops QEMU, so its exit is not taken for a crash.
         self.stop_reason: Reason | None = None
         self.saw_shutdown = False               # QEMU said SHUTDOWN before it went
@@ -111,6 +115,10 @@ class Run:
     @property
     def console_log(self) -> Path:
         return self.run_dir / CONSOLE_LOG
+
+    @property
+    def agent_socket(self) -> Path:
+        return self.run_dir / AGENT_SOCKET
 
     @property
     def pid(self) -> int | None:
@@ -151,6 +159,8 @@ class Run:
             self.process.close()
         if self.console is not None:
             self.console.close(why)
+        if self.agent is not None:
+            self.agent.close()
         if self.monitor is not None:
             await self.monitor.close()
 

@@ -20,7 +20,7 @@ import argparse
 import enum
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -29,6 +29,7 @@ from . import text
 if TYPE_CHECKING:
     from .ops.context import Context
     from .ops.devices import Devices
+    from .ops.guest import Guest
     from .ops.lifecycle import Lifecycle
     from .rpc.server import Connection
 
@@ -54,10 +55,11 @@ class Caller:
 class Services:
     """What a handler may use in the daemon (set up by the daemon, typed for mypy)."""
 
-    def __init__(self, ctx: Context, ops: Lifecycle, devices: Devices) -> None:
+    def __init__(self, ctx: Context, ops: Lifecycle, devices: Devices, guest: Guest) -> None:
         self.ctx = ctx
         self.ops = ops
         self.devices = devices
+        self.guest = guest
 
 
 Handler = Callable[[Services, Any, "Connection"], Awaitable[Any]]
@@ -164,6 +166,7 @@ class StartParams(NameParams):
 class ShutdownParams(NameParams):
     # `true` means "wait the default time"; a number is seconds; absent/false: do not wait.
     wait: bool | Annotated[float, Field(gt=0, le=86400)] = False
+    mode: Literal["acpi", "agent"] = "acpi"
 
 
 class DumpParams(NameParams):
@@ -329,6 +332,8 @@ async def _start(s: Services, p: StartParams, c: Connection) -> Any:
       Arg("wait", "--wait", ArgKind.OPTIONAL_NUMBER, metavar="SECONDS",
           help="return once it is shut off (or fail after SECONDS, default "
           "shutdown_wait_default_s)"),
+      Arg("mode", "--mode", metavar="acpi|agent",
+          help="how to ask: the ACPI power button (default) or the guest agent"),
       human=_done("is being shut down"), cli="shutdown")
 async def _shutdown(s: Services, p: ShutdownParams, c: Connection) -> Any:
     if p.wait is True:
@@ -337,7 +342,7 @@ async def _shutdown(s: Services, p: ShutdownParams, c: Connection) -> Any:
         wait = None
     else:
         wait = float(p.wait)
-    return await s.ops.shutdown(p.name, wait, c.caller.owner("shutdown"))
+    return await s.ops.shutdown(p.name, wait, c.caller.owner("shutdown"), p.mode)
 
 
 @verb("reboot", "reboot via ACPI, in the same QEMU", NameParams, name_arg(),
@@ -474,6 +479,40 @@ async def _domdisplay(s: Services, p: NameParams, c: Connection) -> Any:
       cli="screenshot")
 async def _screenshot(s: Services, p: NameParams, c: Connection) -> Any:
     return await s.ops.screenshot(p.name, c.caller.owner("screenshot"))
+
+
+def _addresses(r: dict[str, Any]) -> str:
+    rows = [{"name": i["name"], "mac": i["mac"], "type": a["type"],
+             "address": f"{a['address']}/{a['prefix']}"}
+            for i in r["interfaces"] for a in i["addresses"] or [{"type": None,
+                                                                   "address": "-",
+                                                                   "prefix": ""}]]
+    return text.table(rows, [("name", "Name"), ("mac", "MAC address"), ("type", "Protocol"),
+                             ("address", "Address")])
+
+
+@verb("domifaddr", "the guest's network addresses, from its agent", NameParams, name_arg(),
+      human=_addresses)
+async def _domifaddr(s: Services, p: NameParams, c: Connection) -> Any:
+    return await s.guest.interfaces(p.name, c.caller.owner("domifaddr"))
+
+
+@verb("guestinfo", "OS, hostname, users and file systems, from the guest agent", NameParams,
+      name_arg(), human=text.pretty_json)
+async def _guestinfo(s: Services, p: NameParams, c: Connection) -> Any:
+    return await s.guest.info(p.name, c.caller.owner("guestinfo"))
+
+
+@verb("domfsfreeze", "freeze the guest's file systems (through its agent)", NameParams,
+      name_arg(), human=lambda r: f"Froze {r['frozen']} file system(s) of '{r['name']}'")
+async def _domfsfreeze(s: Services, p: NameParams, c: Connection) -> Any:
+    return await s.guest.fsfreeze(p.name, True, c.caller.owner("domfsfreeze"))
+
+
+@verb("domfsthaw", "thaw the guest's file systems (through its agent)", NameParams,
+      name_arg(), human=lambda r: f"Thawed {r['thawed']} file system(s) of '{r['name']}'")
+async def _domfsthaw(s: Services, p: NameParams, c: Connection) -> Any:
+    return await s.guest.fsfreeze(p.name, False, c.caller.owner("domfsthaw"))
 
 
 @verb("daemon-stats", "daemon counters and lock statistics", NoParams,

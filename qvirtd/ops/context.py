@@ -149,6 +149,21 @@ class Context:
             await self.end_job(dom, job)
 
     @asynccontextmanager
+    async def agent_job(self, dom: Domain, kind: JobKind, owner: str) -> AsyncIterator[Job]:
+        """The guest agent's own job (L2 on `dom.agent_job`): never waits for a monitor job."""
+        async with dom.lock:  # L2
+            self.ensure_in_table(dom)
+            job = await dom.agent_job.acquire(kind, owner, self.settings.job_wait_timeout_s)
+            if dom.removed:  # L5
+                dom.agent_job.release(job)
+                self.ensure_in_table(dom)
+        try:
+            yield job
+        finally:
+            async with dom.lock:  # L2
+                dom.agent_job.release(job)
+
+    @asynccontextmanager
     async def async_job(self, dom: Domain, kind: AsyncJobKind,
                         owner: str) -> AsyncIterator[AsyncJob]:
         async with dom.lock:  # L2

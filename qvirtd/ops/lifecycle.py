@@ -39,6 +39,7 @@ from ..qemu.firmware import check_images, nvram_files
 from ..qemu.qmp_policy import TAINT_CUSTOM_MONITOR, check_raw_command, refused_reason
 from ..run import CONSOLE_LOG
 from .context import Context
+from .guest import Guest
 from .runtime import DESTROY_RECORD_S, Runtime
 
 log = logging.getLogger(__name__)
@@ -76,9 +77,10 @@ class _Undefined(Exception):
 
 
 class Lifecycle:
-    def __init__(self, ctx: Context, runtime: Runtime) -> None:
+    def __init__(self, ctx: Context, runtime: Runtime, guest: Guest) -> None:
         self.ctx = ctx
         self.runtime = runtime
+        self.guest = guest
 
     # --- definitions ---------------------------------------------------------------------
 
@@ -412,17 +414,22 @@ class Lifecycle:
             log.warning("domain %s: destroyed, but: %s", dom.name, exc)
         return {"name": dom.name, "state": str(DomainState.SHUTOFF)}
 
-    async def shutdown(self, ident: str, wait_s: float | None, owner: str) -> dict[str, Any]:
-        """Press the ACPI power button; with `wait_s`, return once the domain is shut off."""
+    async def shutdown(self, ident: str, wait_s: float | None, owner: str,
+                       mode: str = "acpi") -> dict[str, Any]:
+        """Ask the guest to power off: the ACPI power button, or (`mode` "agent") its guest
+        agent; with `wait_s`, return once the domain is shut off."""
         ctx = self.ctx
         dom = await ctx.lookup(ident)
-        async with ctx.job(dom, JobKind.MODIFY, owner):
-            async with dom.lock:  # L3
-                run = ctx.running(dom)
-                run.fake_reboot = False
-                ctx.save_status(dom, run)
-            await ctx.qmp(dom, run, "system_powerdown", what="shutdown")
-        log.info("domain %s: shutdown asked by %s", dom.name, owner)
+        if mode == "agent":
+            run = await self.guest.shutdown(dom, owner)
+        else:
+            async with ctx.job(dom, JobKind.MODIFY, owner):
+                async with dom.lock:  # L3
+                    run = ctx.running(dom)
+                    run.fake_reboot = False
+                    ctx.save_status(dom, run)
+                await ctx.qmp(dom, run, "system_powerdown", what="shutdown")
+        log.info("domain %s: shutdown (%s) asked by %s", dom.name, mode, owner)
         if wait_s is not None and not await ctx.wait_ended(run, wait_s):
             raise QvirtError(f"domain '{dom.name}' did not shut off within {wait_s:g} s (the "
                              "guest may ignore the power button)")

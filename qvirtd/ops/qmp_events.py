@@ -186,6 +186,21 @@ def _balloon_change(ctx: Context, dom: Domain, run: Run, data: dict[str, Any]) -
     return None
 
 
+def _vserport_change(ctx: Context, dom: Domain, run: Run,
+                     data: dict[str, Any]) -> FollowUp | None:
+    # The guest opened or closed a virtio-serial port: for the agent's, qemu-ga started or
+    # stopped (libvirt's agent lifecycle event).
+    if data.get("id") != "qga0":
+        return None
+    connected = bool(data.get("open"))
+    run.agent_connected = connected
+    if run.agent is not None:
+        run.agent.guest_connected = connected
+    ctx.emit(dom, "agent-lifecycle",
+             data={"state": "connected" if connected else "disconnected"})
+    return None
+
+
 Handler = Callable[[Context, Domain, Run, dict[str, Any]], FollowUp | None]
 
 HANDLERS: dict[str, Handler] = {
@@ -203,6 +218,7 @@ HANDLERS: dict[str, Handler] = {
     "WATCHDOG": _watchdog,
     "RTC_CHANGE": _rtc_change,
     "BALLOON_CHANGE": _balloon_change,
+    "VSERPORT_CHANGE": _vserport_change,
 }
 
 

@@ -240,6 +240,10 @@ class Reconnector:
         except (QvirtError, OSError, TimeoutError) as exc:
             log.warning("domain %s: console not reconnected (its log misses output until "
                         "the next restart): %s", dom.name, exc)
+        try:
+            await self.runtime.connect_agent(dom, run)
+        except (QvirtError, OSError, TimeoutError) as exc:
+            log.warning("domain %s: guest agent channel not reconnected: %s", dom.name, exc)
         async with dom.lock:  # L5
             ctx.ensure_current(dom, run, "reconnect")
             follow_up = qmp_events.resync(ctx, dom, run, str(qemu_status.get("status")))

@@ -37,6 +37,7 @@ from ..errors import (
 from ..job import AsyncJob, AsyncJobKind, JobKind
 from ..model import DomainState, LifecycleAction, Reason
 from ..qemu.accel import cpu_model, resolve_accel
+from ..qemu.agent import GuestAgent
 from ..qemu.argv import LaunchPaths, build_argv, port_plan, root_port_id, total_ports
 from ..qemu.console import SerialConsole
 from ..qemu.firmware import prepare as firmware_for
@@ -202,10 +203,13 @@ class Runtime:
                     ctx.save_status(dom, run)
                 await ctx.status_barrier(run)
             listeners = [_listener(run.monitor_socket), _listener(run.console_socket)]
+            if definition.guest_agent:
+                listeners.append(_listener(run.agent_socket))
             with contextlib.suppress(FileNotFoundError):  # QEMU binds the VNC socket itself
                 LaunchPaths(run_dir).vnc_socket.unlink()
             argv = build_argv(definition, accel, settings.qemu_binary, listeners[0].fileno(),
-                              LaunchPaths(run_dir), cpu, listeners[1].fileno(), firmware)
+                              LaunchPaths(run_dir), cpu, listeners[1].fileno(), firmware,
+                              listeners[2].fileno() if definition.guest_agent else None)
             log_offset = await asyncio.to_thread(self._log_start, log_path, dom.name, argv)
             await self.enter_phase(dom, run, job, "spawn")
             process = await QemuProcess.spawn(argv, [s.fileno() for s in listeners], log_path,
@@ -299,6 +303,25 @@ class Runtime:
             # executable a restarted daemon will expect behind the pid.
             run.process.exe = process_binary(run.process.pid)
         await self.connect_console(dom, run)
+        await self.connect_agent(dom, run)
+
+    async def connect_agent(self, dom: Domain, run: Run) -> None:
+        """The host end of the guest agent channel, if the domain has one."""
+        if not run.definition.guest_agent:
+            return
+        agent = GuestAgent(dom.name, run.agent_socket)
+        await agent.connect(self.ctx.settings.monitor_connect_timeout_s)
+        async with dom.lock:  # L5
+            current = dom.run is run
+            if current:
+                agent.guest_connected = run.agent_connected
+                old, run.agent = run.agent, agent
+        if not current:
+            agent.close()
+            raise DomainGoneError(f"domain '{dom.name}' stopped while its guest agent "
+                                  "channel was being connected")
+        if old is not None:
+            old.close()
 
     async def connect_console(self, dom: Domain, run: Run) -> None:
         console = SerialConsole(dom.name, run.console_socket, run.console_log, self.ctx.writer,
@@ -388,7 +411,8 @@ class Runtime:
             paths = LaunchPaths(run.run_dir)
             removals = [ctx.writer.remove(path, durable=False) for path in (
                 status_path(run.run_dir), run.monitor_socket, run.console_socket,
-                paths.pidfile, paths.vnc_socket, run.run_dir / SEED_FILE)]
+                paths.pidfile, paths.vnc_socket, run.agent_socket,
+                run.run_dir / SEED_FILE)]
         await run.close()
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(TEARDOWN_FILES_S):

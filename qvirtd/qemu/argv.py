@@ -27,8 +27,12 @@ MONITOR_FD_ID = "qmp"
 SERIAL_ID = "serial0"
 SCSI_ID = "scsi0"
 VIDEO_ID = "video0"
+VSERIAL_ID = "vser0"       # the virtio-serial controller of the guest agent's channel
+AGENT_ID = "qga0"          # the agent's port (and its chardev)
+AGENT_PORT_NAME = "org.qemu.guest_agent.0"
 # QEMU devices that are ours, not the user's: never compared with the definition's devices.
-INFRASTRUCTURE_IDS = frozenset({SERIAL_ID, SCSI_ID, "pvpanic0", VIDEO_ID})
+INFRASTRUCTURE_IDS = frozenset({SERIAL_ID, SCSI_ID, "pvpanic0", VIDEO_ID, VSERIAL_ID,
+                                AGENT_ID})
 # A TCP VNC server takes the first free display from 0 (port 5900) to this one.
 VNC_LAST_DISPLAY = 99
 
@@ -59,13 +63,15 @@ def port_plan(definition: DomainDef) -> dict[str, int]:
     """Which root port each PCI device of a starting domain sits on: the SCSI controller,
     then disks, then NICs; the `hotplug_ports` after them are free for hotplug."""
     plan = {SCSI_ID: 0}
+    if definition.guest_agent:
+        plan[VSERIAL_ID] = len(plan)
     for dev_id in [d.id for d in definition.disks] + [n.id for n in definition.nics]:
         plan[dev_id] = len(plan)
     return plan
 
 
 def total_ports(definition: DomainDef) -> int:
-    return 1 + len(definition.disks) + len(definition.nics) + definition.hotplug_ports
+    return len(port_plan(definition)) + definition.hotplug_ports
 
 
 def root_port_id(index: int) -> str:
@@ -180,7 +186,8 @@ def vnc_option(definition: DomainDef, paths: LaunchPaths) -> str:
 
 def build_argv(definition: DomainDef, accel: str, qemu_binary: str, monitor_fd: int,
                paths: LaunchPaths, cpu: str | None = None,
-               console_fd: int | None = None, firmware: Firmware | None = None) -> list[str]:
+               console_fd: int | None = None, firmware: Firmware | None = None,
+               agent_fd: int | None = None) -> list[str]:
     """The full command line for `definition`, started paused (-S), its monitor and serial
     console served by QEMU on listening sockets passed as fds (the daemon connects to both).
     `cpu` is the `-cpu` model (qemu/accel.py picks it; None: QEMU's default); without
@@ -236,6 +243,15 @@ def build_argv(definition: DomainDef, accel: str, qemu_binary: str, monitor_fd: 
     devices: list[dict[str, Any]] = [root_port_device(i) for i in range(total_ports(d))]
     devices.append({"driver": "virtio-scsi-pci", "id": SCSI_ID,
                     "bus": root_port_id(plan[SCSI_ID])})
+    if d.guest_agent:
+        if agent_fd is None:
+            raise ValueError("guest_agent needs the agent channel's listening socket")
+        argv += ["-chardev", opts("socket", id=AGENT_ID, fd=str(agent_fd), server="on",
+                                  wait="off")]
+        devices.append({"driver": "virtio-serial-pci", "id": VSERIAL_ID,
+                        "bus": root_port_id(plan[VSERIAL_ID])})
+        devices.append({"driver": "virtserialport", "id": AGENT_ID, "bus": f"{VSERIAL_ID}.0",
+                        "chardev": AGENT_ID, "name": AGENT_PORT_NAME})
     for disk in d.disks:
         for node in disk_blockdevs(disk):
             argv += ["-blockdev", jarg(node)]

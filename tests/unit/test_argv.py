@@ -485,3 +485,20 @@ def test_boot_order_becomes_bootindex() -> None:
     assert devices["cd0"]["bootindex"] == 1
     assert devices["n0"]["bootindex"] == 3 and "romfile" not in devices["n0"]  # boot ROM
     assert devices["n1"]["romfile"] == "" and "bootindex" not in devices["n1"]
+
+
+def test_guest_agent_channel() -> None:
+    argv = build_argv(DomainDef.model_validate({"name": "vm", "guest_agent": True,
+                                                "disks": [{"id": "d0", "path": "/a"}]}),
+                      "tcg", "qemu", 3, RUN, None, 4, None, 9)
+    chardevs = {as_dict(c)["id"]: as_dict(c) for c in args_of(argv, "-chardev")}
+    assert chardevs["qga0"] == {POSITIONAL: "socket", "id": "qga0", "fd": "9",
+                                "server": "on", "wait": "off"}
+    devices = {d.get("id"): d for d in json_args(argv, "-device")}
+    assert devices["vser0"]["driver"] == "virtio-serial-pci" and devices["vser0"]["bus"] == "rp1"
+    assert devices["qga0"] == {"driver": "virtserialport", "id": "qga0", "bus": "vser0.0",
+                               "chardev": "qga0", "name": "org.qemu.guest_agent.0"}
+    assert devices["d0"]["bus"] == "rp2"  # the controller takes a root port of its own
+    with pytest.raises(ValueError, match="listening socket"):
+        build_argv(DomainDef.model_validate({"name": "vm", "guest_agent": True}), "tcg", "q",
+                   3, RUN)

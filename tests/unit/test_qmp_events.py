@@ -199,3 +199,15 @@ async def test_rtc_balloon_powerdown_and_unknown(h: Harness) -> None:
         ("balloon-change", {"actual_bytes": 64 * 2**20})]
     assert h.run.balloon_actual_bytes == 64 * 2**20
     assert h.state() == ("running", "booted")
+
+
+async def test_agent_lifecycle_from_vserport_change(h: Harness) -> None:
+    await h.apply("VSERPORT_CHANGE", id="qga0", open=True)
+    assert h.run.agent_connected is True
+    assert [e.data for e in h.events] == [{"state": "connected"}]
+    h.events.clear()
+    await h.apply("VSERPORT_CHANGE", id="other", open=True)  # not the agent's port
+    await h.apply("VSERPORT_CHANGE", id="qga0", open=False)
+    assert h.run.agent_connected is False
+    assert [(e.event, e.data) for e in h.events] == [("agent-lifecycle",
+                                                      {"state": "disconnected"})]
