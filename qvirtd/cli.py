@@ -123,6 +123,8 @@ async def run(args: argparse.Namespace) -> int:
         params = params_from(v, args)
         if v.cli == "console":
             return await console(socket_path, params)
+        if v.cli == "vol-create":
+            return await _vol_create(client, args, v, params)
         if v.cli == "event":
             return await _events(client, args, params)
         result = await client.call(v.name, params)
@@ -163,6 +165,32 @@ def _save_screenshot(args: argparse.Namespace, result: dict[str, Any]) -> int:
     else:
         print(f"Screenshot of '{result['name']}' saved to {args.file} ({len(data)} bytes, "
               f"{result['format'].upper()})")
+    return 0
+
+
+async def _vol_create(client: Client, args: argparse.Namespace, v: Verb,
+                      params: dict[str, Any]) -> int:
+    """The call, with the daemon's `vol-progress` notes as a progress line meanwhile (one
+    line redrawn on a terminal, plain lines otherwise)."""
+    call = asyncio.ensure_future(client.call(v.name, params))
+    tty_err = sys.stderr.isatty()
+    shown = False
+    while not call.done():
+        try:
+            note = await client.next_event(0.2)
+        except TimeoutError:
+            continue
+        if note is None or note.get("method") != "vol-progress":
+            continue
+        p = note["params"]
+        pct = 100.0 * p["done"] / max(p["total"], 1)
+        line = f"{p['path']}: {pct:5.1f}% ({p['done'] >> 20} of {p['total'] >> 20} MiB)"
+        print(("\r" + line) if tty_err else line, end="" if tty_err else "\n",
+              file=sys.stderr, flush=True)
+        shown = True
+    if shown and tty_err:
+        print(file=sys.stderr)
+    _print(args, v, await call)
     return 0
 
 

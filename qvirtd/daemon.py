@@ -27,6 +27,7 @@ from .ops.guest import Guest
 from .ops.lifecycle import Lifecycle
 from .ops.reconnect import Reconnector
 from .ops.runtime import Runtime
+from .ops.volumes import Volumes
 from .qemu.monitor import quieten_library_logging
 from .qemu.unixpath import short_path
 from .rpc.methods import build_methods, upgrade_methods
@@ -90,7 +91,7 @@ class Daemon:
         self.server = RpcServer({}, settings.max_message_bytes,
                                 settings.max_requests_in_flight,
                                 build_methods(Services(self.ctx, self.ops, self.devices,
-                                                       self.guest)),
+                                                       self.guest, Volumes(self.ctx))),
                                 settings.client_write_timeout_s, settings=settings,
                                 upgrade_methods=upgrade_methods())
         self._stop = asyncio.Event()

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import enum
+import json
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated, Any, Literal
@@ -31,6 +32,7 @@ if TYPE_CHECKING:
     from .ops.devices import Devices
     from .ops.guest import Guest
     from .ops.lifecycle import Lifecycle
+    from .ops.volumes import Volumes
     from .rpc.server import Connection
 
 
@@ -55,11 +57,13 @@ class Caller:
 class Services:
     """What a handler may use in the daemon (set up by the daemon, typed for mypy)."""
 
-    def __init__(self, ctx: Context, ops: Lifecycle, devices: Devices, guest: Guest) -> None:
+    def __init__(self, ctx: Context, ops: Lifecycle, devices: Devices, guest: Guest,
+                 volumes: Volumes) -> None:
         self.ctx = ctx
         self.ops = ops
         self.devices = devices
         self.guest = guest
+        self.volumes = volumes
 
 
 Handler = Callable[[Services, Any, "Connection"], Awaitable[Any]]
@@ -230,6 +234,18 @@ class EventParams(Params):
     domain: DomainIdent | None = None
     events: list[Annotated[str, Field(max_length=64)]] | None = None
     since_seq: Annotated[int, Field(ge=0)] | None = None
+
+
+class VolCreateParams(Params):
+    path: Annotated[str, Field(min_length=1, max_length=4096)]
+    size: Annotated[str, Field(min_length=1, max_length=32)]
+    format: Literal["raw", "qcow2"] = "raw"
+    backing: Annotated[str, Field(min_length=1, max_length=4096)] | None = None
+    prealloc: Literal["off", "metadata", "falloc", "full"] = "off"
+
+
+class BlkListParams(NameParams):
+    inactive: bool = False
 
 
 class ConsoleParams(NameParams):
@@ -513,6 +529,35 @@ async def _domfsfreeze(s: Services, p: NameParams, c: Connection) -> Any:
       name_arg(), human=lambda r: f"Thawed {r['thawed']} file system(s) of '{r['name']}'")
 async def _domfsthaw(s: Services, p: NameParams, c: Connection) -> Any:
     return await s.guest.fsfreeze(p.name, False, c.caller.owner("domfsthaw"))
+
+
+@verb("vol-create", "create a disk image (an overlay with --backing) with qemu-img",
+      VolCreateParams,
+      Arg("path", metavar="PATH", help="the new image (absolute; never overwritten)"),
+      Arg("size", metavar="SIZE", help="e.g. 10G, 512M, 1048576"),
+      Arg("format", "--format", metavar="raw|qcow2", help="the image format (default raw)"),
+      Arg("backing", "--backing", metavar="BASE",
+          help="a base image this qcow2 overlay reads from (its format is detected)"),
+      Arg("prealloc", "--prealloc", metavar="off|metadata|falloc|full",
+          help="allocate the space now (full: writes it, with a progress line)"),
+      human=lambda r: f"Volume {r['path']} created ({r['format']}, {r['size']} bytes"
+      + (f", backing {r['backing']} ({r['backing_format']})" if r["backing"] else "") + ")",
+      cli="vol-create")
+async def _vol_create(s: Services, p: VolCreateParams, c: Connection) -> Any:
+    def progress(state: dict[str, Any]) -> None:
+        c.emit(json.dumps({"jsonrpc": "2.0", "method": "vol-progress",
+                           "params": state}).encode() + b"\n")
+    return await s.volumes.create(p.path, p.size, p.format, p.backing, p.prealloc,
+                                  c.caller.owner("vol-create"), progress)
+
+
+@verb("domblklist", "the domain's disks and CD-ROMs: id, source, kind", BlkListParams,
+      name_arg(), Arg("inactive", "--inactive", ArgKind.FLAG,
+                      help="from the persistent definition"),
+      human=lambda r: text.table(r["devices"], [("target", "Target"), ("source", "Source"),
+                                                ("kind", "Kind"), ("format", "Format")]))
+async def _domblklist(s: Services, p: BlkListParams, c: Connection) -> Any:
+    return await s.devices.blklist(p.name, p.inactive)
 
 
 @verb("daemon-stats", "daemon counters and lock statistics", NoParams,

@@ -384,6 +384,22 @@ class Devices:
                 "removed": removed if live else None, "pending": live and not removed,
                 "config": in_config, "running": running}
 
+    async def blklist(self, ident: str, inactive: bool) -> dict[str, Any]:
+        """`domblklist`: the disks and CD-ROMs of the live (or persistent) definition."""
+        dom = await self.ctx.lookup(ident)
+        async with dom.lock:  # L3
+            if inactive and dom.persistent_def is None:
+                raise InvalidOperationError(f"domain '{dom.name}' is transient: it has no "
+                                            "persistent definition")
+            definition = dom.persistent_def if inactive else dom.definition
+            assert definition is not None
+        rows: list[dict[str, Any]] = [
+            {"target": d.id, "source": d.path, "kind": "disk", "format": d.format,
+             "readonly": d.readonly, "boot_order": d.boot_order} for d in definition.disks]
+        rows += [{"target": c.id, "source": c.path, "kind": "cdrom", "format": "raw",
+                  "readonly": True, "boot_order": c.boot_order} for c in definition.cdroms]
+        return {"name": dom.name, "devices": rows}
+
     async def change_media(self, ident: str, cdrom_id: str, path: str | None,
                            owner: str) -> dict[str, Any]:
         """Insert, eject or change a CD-ROM medium. QEMU's own view decides what is in the
