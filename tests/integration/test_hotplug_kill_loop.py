@@ -101,6 +101,14 @@ async def settled(daemon: Daemon) -> None:
 
 async def test_kill_the_daemon_during_hotplug(daemon: Daemon, guest: Any) -> None:
     seed = int(os.environ.get("QVIRTD_KILL_SEED", str(int(time.time()))))
+    try:
+        await hotplug_kill_loop(daemon, guest, seed)
+    except BaseException as exc:
+        raise AssertionError(f"hotplug kill loop failed (replay with QVIRTD_KILL_SEED={seed}):"
+                             f" {exc!r}\n{daemon.log_text()}") from exc
+
+
+async def hotplug_kill_loop(daemon: Daemon, guest: Any, seed: int) -> None:
     rng = random.Random(seed)
     daemon.define(guest_definition(guest, "kl", hotplug_ports=6))
     daemon.qvirsh("start", "kl")
