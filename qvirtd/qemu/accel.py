@@ -16,6 +16,7 @@ import asyncio
 import fcntl
 import logging
 import os
+import shutil
 import subprocess
 
 from ..errors import QvirtError
@@ -54,9 +55,14 @@ def resolve_accel(accel: Accel) -> str:
 
 
 def _starts_with(qemu_binary: str, cpu: str) -> bool:
-    """Blocking: does a paused KVM QEMU with `-cpu cpu` start and quit cleanly?"""
+    """Blocking: does a paused KVM QEMU with `-cpu cpu` start and quit cleanly?
+    Run under coreutils' `timeout`: QEMU does not quit when its QMP stdin closes, so a probe
+    whose daemon was killed meanwhile would otherwise run for ever."""
     argv = [qemu_binary, "-machine", "q35,accel=kvm", "-cpu", cpu, "-m", "16", "-S",
             "-nodefaults", "-no-user-config", "-display", "none", "-qmp", "stdio"]
+    limit = shutil.which("timeout")
+    if limit is not None:
+        argv = [limit, "--kill-after=2", f"{PROBE_TIMEOUT_S:g}", *argv]
     try:
         res = subprocess.run(argv, input=b'{"execute":"qmp_capabilities"}\n'
                              b'{"execute":"quit"}\n', capture_output=True,
