@@ -1215,6 +1215,21 @@ _LIBRARY_DIRS = (
 )
 
 
+def _resolve_in(root: Path, path: Path) -> Path | None:
+    """Follow ``path``'s symlinks inside the extracted tree ``root`` (an absolute
+    target means ``root``/target, never the host's file); None if it leads to
+    no regular file inside ``root``."""
+    for _hop in range(40):
+        if not path.is_symlink():
+            return path if path.is_file() else None
+        target = os.readlink(path)
+        joined = root / target.lstrip("/") if target.startswith("/") else path.parent / target
+        path = Path(os.path.normpath(joined))
+        if not path.is_relative_to(root):
+            return None
+    return None
+
+
 def _agent_files(
     roots: Mapping[str, Path],
 ) -> tuple[dict[str, bytes], dict[str, str], dict[str, str]]:
@@ -1235,11 +1250,14 @@ def _agent_files(
     for package, root in roots.items():
         for directory in _LIBRARY_DIRS:
             base = root / directory
-            if not base.is_dir():
+            if not base.is_dir() or base.is_symlink():
                 continue
             for path in sorted(base.iterdir()):
-                if ".so" in path.name and path.name not in available and path.exists():
-                    available[path.name] = (package, path.resolve())
+                if ".so" not in path.name or path.name in available:
+                    continue
+                real = _resolve_in(root, path)
+                if real is not None:
+                    available[path.name] = (package, real)
 
     data = binary.read_bytes()
     info = _elf_info(data, binary)
@@ -1361,7 +1379,9 @@ def _build_esp(files: Mapping[str, Path | bytes], image: Path, volume_id: int) -
 
     ``mkfs.fat -C`` creates the image file and ``mcopy -i`` writes into it, so
     nothing is mounted and no root is needed.  Names keep their case (mtools
-    writes VFAT long names where needed).
+    writes VFAT long names where needed).  A fixed volume id, ``--invariant``
+    and ``SOURCE_DATE_EPOCH`` (for mtools) make the same files give the same
+    image bytes.
     """
     stage = image.with_name(image.name + ".d")
     total = 0
@@ -1378,6 +1398,7 @@ def _build_esp(files: Mapping[str, Path | bytes], image: Path, volume_id: int) -
         [
             "mkfs.fat",
             "-C",
+            "--invariant",  # no time-based values (the label's timestamp)
             "-F",
             "32",
             "-S",

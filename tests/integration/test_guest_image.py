@@ -58,10 +58,9 @@ def test_image_holds_the_agent_and_its_libraries(guest: GuestImage) -> None:
         assert name in files, name
     agent = bg._elf_info(files[bg._AGENT_PATH][1], "qemu-ga")
     assert agent.interpreter is not None
-    mode, target = files[agent.interpreter.lstrip("/")]
-    assert mode & 0o170000 == 0o120000 and target.decode() in (
-        f"/{bg._LIB_DIR}/ld-linux-x86-64.so.2",
-    )
+    mode, target = files[agent.interpreter.lstrip("/")]  # /lib64/ld-linux-x86-64.so.2
+    assert mode & 0o170000 == 0o120000  # a symlink
+    assert target.decode().lstrip("/") in files
     # Every DT_NEEDED of the agent and of each library it pulls in is in the archive.
     pending, seen = list(agent.needed), set()
     while pending:

@@ -232,3 +232,21 @@ def test_boot_loader_configs_carry_the_cmdline(tmp_path: Path) -> None:
     cfg = sb["EFI/debian/grub.cfg"]
     assert isinstance(cfg, bytes) and f"linux /vmlinuz {bg.DEFAULT_CMDLINE}\n".encode() in cfg
     assert "EFI/BOOT/fbx64.efi" not in sb  # shim would run the fallback and reset
+
+
+def test_resolve_in_keeps_symlinks_inside_the_extracted_tree(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    (root / "lib/x86_64-linux-gnu").mkdir(parents=True)
+    (root / "lib64").mkdir()
+    real = root / "lib/x86_64-linux-gnu/libfoo.so.1.2"
+    real.write_bytes(b"\x7fELF")
+    (root / "lib/x86_64-linux-gnu/libfoo.so.1").symlink_to("libfoo.so.1.2")
+    # An absolute target means the tree's file, not the host's.
+    (root / "lib64/libfoo.so.1").symlink_to("/lib/x86_64-linux-gnu/libfoo.so.1")
+    (root / "lib64/libc.so.6").symlink_to("/lib/x86_64-linux-gnu/libc.so.6")  # host only
+    (root / "lib64/escape.so").symlink_to("../../outside.so")
+    (tmp_path / "outside.so").write_bytes(b"x")
+    assert bg._resolve_in(root, root / "lib/x86_64-linux-gnu/libfoo.so.1") == real
+    assert bg._resolve_in(root, root / "lib64/libfoo.so.1") == real
+    assert bg._resolve_in(root, root / "lib64/libc.so.6") is None
+    assert bg._resolve_in(root, root / "lib64/escape.so") is None
