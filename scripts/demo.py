@@ -1,14 +1,18 @@
 """`make demo`: a real Linux guest boots and powers off under qvirtd, start to finish.
 
 Starts a daemon under `--root` in a temporary directory, defines and boots the tiny test guest
-(TCG), shows `qvirsh list` and `dominfo`, the guest's console output, powers it off through
-ACPI, and stops the daemon. Whatever happens, it leaves no QEMU and no files behind.
+(TCG) with a screen and a guest agent, shows `qvirsh list` and `dominfo`, types into its
+serial console through a real terminal (`qvirsh console`), takes a screenshot, asks the agent
+for its addresses, powers it off through ACPI, and stops the daemon. Whatever happens, it
+leaves no QEMU and no files behind but the screenshot it names.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import pty
+import select
 import shutil
 import signal
 import subprocess
@@ -85,7 +89,9 @@ class Demo:
         definition = {"name": "demo", "memory_mib": 128, "vcpus": 1, "accel": "tcg",
                       "boot": {"kernel": str(image.kernel), "initrd": str(image.initrd),
                                # Without "quiet", the console shows the kernel booting.
-                               "cmdline": image.cmdline.replace("quiet", "").strip()}}
+                               "cmdline": image.cmdline.replace("quiet", "").strip()},
+                      "graphics": {"type": "vnc"}, "guest_agent": True,
+                      "nics": [{"id": "lan"}]}
         path = self.root / "demo.json"
         path.write_text(json.dumps(definition, indent=2))
         print(path.read_text())
@@ -102,6 +108,21 @@ class Demo:
         print("$ qvirsh console-log demo | tail -12")
         print("\n".join(self.console().strip().splitlines()[-12:]))
 
+        banner("typing into its serial console (qvirsh console on a real terminal)")
+        print(self.terminal_session("uname -sr; echo hello from the guest"))
+
+        banner("its screen")
+        self.qvirsh("domdisplay", "demo")
+        shot = Path(tempfile.gettempdir()) / "qvirtd-demo-screenshot.png"
+        self.qvirsh("screenshot", "demo", str(shot))
+        data = shot.read_bytes()
+        width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+        print(f"(a {width}x{height} PNG of {len(data)} bytes, kept at {shot})")
+
+        banner("asking the guest agent")
+        self.wait_console("QVIRTD-GUEST: net address eth0", 30)
+        self.qvirsh("domifaddr", "demo")
+
         banner("powering it off through ACPI (the guest's acpid handles the power button)")
         start = time.monotonic()
         self.qvirsh("shutdown", "demo", "--wait", "60")
@@ -113,6 +134,46 @@ class Demo:
 
         banner("stopping the daemon")
         self.stop_daemon()
+
+    def terminal_session(self, command: str) -> str:
+        """`qvirsh console demo` on a pty: Enter, the command, Ctrl-]; what the user saw."""
+        print("$ qvirsh console demo", flush=True)
+        master, slave = pty.openpty()
+        proc = subprocess.Popen([sys.executable, "-m", "qvirtd.cli", "--socket",
+                                 str(self.socket), "console", "demo"],
+                                stdin=slave, stdout=slave, stderr=slave)
+        os.close(slave)
+        seen = b""
+
+        def read_until(text: bytes, after: int = 0) -> None:
+            """Read until `text` appears in what came after byte `after`, or fail."""
+            nonlocal seen
+            deadline = time.monotonic() + 20
+            while text not in seen[after:]:
+                if time.monotonic() > deadline:
+                    raise SystemExit(f"demo failed: no {text!r} from qvirsh console")
+                if select.select([master], [], [], 0.2)[0]:
+                    seen += os.read(master, 65536)
+
+        try:
+            read_until(b"Escape character")
+            os.write(master, b"\r")
+            read_until(b"guest# ")
+            os.write(master, command.encode() + b"\r")
+            line = command.encode() + b"\r\n"
+            read_until(line)  # the guest's echo of the line typed
+            echoed = seen.index(line) + len(line)
+            read_until(b"hello from the guest\r\n", echoed)  # what the command printed
+            read_until(b"guest# ", echoed)
+            os.write(master, b"\x1d")  # Ctrl-]
+            proc.wait(10)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            os.close(master)
+        # The shell asks the terminal where its cursor is after each prompt (ESC[6n): drop it.
+        text = seen.replace(b"\x1b[6n", b"").decode(errors="replace").replace("\r", "")
+        return text.rstrip("\n") + "\n^]  (detached)"
 
     def stop_daemon(self) -> None:
         if self.daemon is not None and self.daemon.poll() is None:
