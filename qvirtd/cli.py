@@ -90,6 +90,8 @@ def params_from(v: Verb, args: argparse.Namespace) -> dict[str, Any]:
         value = getattr(args, a.key, None)
         if a.kind is ArgKind.JSON_FILE:
             value = _read_json_file(str(value))
+        elif a.kind is ArgKind.PATH and value is not None:
+            value = os.path.abspath(str(value))
         elif a.kind is ArgKind.JSON_TEXT:
             value = _parse_json(str(value), "the JSON argument")
             if not isinstance(value, dict):

@@ -74,16 +74,7 @@ def build_iso(files: dict[str, bytes]) -> bytes:
 
 def _write_seed(path: Path, definition: DomainDef) -> None:
     """Blocking (worker thread): build the seed and write it (atomically, read-only)."""
-    data = build_iso(seed_files(definition))
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o400)
-        os.replace(tmp, path)
-    except OSError as exc:
-        raise StorageError(f"cannot write the cloud-init seed {path}: "
-                           f"{exc.strerror or exc}") from exc
+    write_run_files(path.parent, {path.name: build_iso(seed_files(definition))})
 
 
 async def attach_seed(definition: DomainDef, run_dir: Path) -> DomainDef:
@@ -98,3 +89,49 @@ async def attach_seed(definition: DomainDef, run_dir: Path) -> DomainDef:
         **definition.model_dump(mode="json"), "cloud_init": None,
         "cdroms": [*definition.model_dump(mode="json")["cdroms"],
                    CdromDef(id=CIDATA_ID, path=str(path)).model_dump(mode="json")]})
+
+
+# --- a seed that moves with its guest (save/restore, migration) -----------------------------
+
+def run_files(run_dir: Path, definition: DomainDef) -> dict[str, bytes]:
+    """Blocking: the files of a run that QEMU reads and that live in its run directory (the
+    seed), for a save image or a migration to carry along."""
+    if not any(c.id == CIDATA_ID and c.path == str(run_dir / SEED_FILE)
+               for c in definition.cdroms):
+        return {}
+    try:
+        return {SEED_FILE: (run_dir / SEED_FILE).read_bytes()}
+    except OSError as exc:
+        raise StorageError(f"cannot read the cloud-init seed {run_dir / SEED_FILE}: "
+                           f"{exc.strerror or exc}") from exc
+
+
+def write_run_files(run_dir: Path, files: dict[str, bytes]) -> None:
+    """Blocking: put a saved or migrated run's files into the new run directory. Only the
+    names this module writes are accepted: a save file cannot place anything else."""
+    for name, data in files.items():
+        if name != SEED_FILE:
+            raise StorageError(f"a saved run carries an unknown file {name!r}: refused")
+        path = run_dir / name
+        tmp = path.with_name(f".{name}.tmp")
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+            os.chmod(tmp, 0o400)
+            os.replace(tmp, path)
+        except OSError as exc:
+            raise StorageError(f"cannot write {path}: {exc.strerror or exc}") from exc
+
+
+def seed_moved_to(definition: DomainDef, run_dir: Path) -> DomainDef:
+    """The live definition of a saved or migrated run with its seed CD-ROM pointing into
+    `run_dir` (where write_run_files puts it)."""
+    target = str(run_dir / SEED_FILE)
+    if not any(c.id == CIDATA_ID and c.path != target and c.path is not None
+               and c.path.endswith("/" + SEED_FILE) for c in definition.cdroms):
+        return definition
+    data = definition.model_dump(mode="json")
+    for cdrom in data["cdroms"]:
+        if cdrom["id"] == CIDATA_ID:
+            cdrom["path"] = target
+    return DomainDef.model_validate(data)

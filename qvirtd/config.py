@@ -11,7 +11,7 @@ import os
 import tomllib
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -40,6 +40,10 @@ class Settings(BaseModel):
     monitor_connect_timeout_s: Annotated[float, Field(gt=0, le=3600)] = 10.0
     monitor_reconnect_interval_s: Annotated[float, Field(gt=0, le=3600)] = 5.0
     agent_timeout_s: Annotated[float, Field(gt=0, le=3600)] = 10.0
+    migration_stall_timeout_s: Annotated[float, Field(gt=0, le=3600)] = 60.0
+    save_max_bandwidth_mib_s: Annotated[float, Field(ge=0, le=1024 * 1024)] = 0.0
+    on_host_shutdown: Literal["nothing", "shutdown", "managedsave"] = "shutdown"
+    host_shutdown_timeout_s: Annotated[float, Field(gt=0, le=86400)] = 300.0
     destroy_grace_s: Annotated[float, Field(ge=0, le=600)] = 3.0
     process_exit_timeout_s: Annotated[float, Field(gt=0, le=600)] = 5.0
     shutdown_wait_default_s: Annotated[float, Field(gt=0, le=86400)] = 60.0
@@ -182,6 +186,14 @@ class Layout:
     @property
     def nvram_dir(self) -> Path:
         return self.state_dir / "nvram"
+
+    @property
+    def save_dir(self) -> Path:
+        """Managed save images (`managedsave`), one per domain."""
+        return self.state_dir / "save"
+
+    def managed_save(self, name: str) -> Path:
+        return self.save_dir / f"{name}.save"
 
     @property
     def domains_run_dir(self) -> Path:

@@ -21,12 +21,14 @@ from .config import ConfigError, Layout, Settings
 from .domain import Domain
 from .locks import LockWatch
 from .loopwatch import LoopWatch
+from .model import Reason
 from .ops.context import Context
 from .ops.devices import Devices
 from .ops.guest import Guest
 from .ops.lifecycle import Lifecycle
 from .ops.reconnect import Reconnector
 from .ops.runtime import Runtime
+from .ops.saves import Saves
 from .ops.volumes import Volumes
 from .qemu.monitor import quieten_library_logging
 from .qemu.unixpath import short_path
@@ -85,20 +87,22 @@ class Daemon:
         self.runtime = Runtime(self.ctx)
         self.guest = Guest(self.ctx)
         self.ops = Lifecycle(self.ctx, self.runtime, self.guest)
-        self.reconnector = Reconnector(self.ctx, self.runtime)
+        self.saves = Saves(self.ctx, self.runtime, self.ops)
+        self.reconnector = Reconnector(self.ctx, self.runtime, self.saves)
         self.devices = Devices(self.ctx)
         # Every verb of the registry (qvirtd/verbs.py) is a method of the server.
         self.server = RpcServer({}, settings.max_message_bytes,
                                 settings.max_requests_in_flight,
                                 build_methods(Services(self.ctx, self.ops, self.devices,
-                                                       self.guest, Volumes(self.ctx))),
+                                                       self.guest, Volumes(self.ctx),
+                                                       self.saves)),
                                 settings.client_write_timeout_s, settings=settings,
                                 upgrade_methods=upgrade_methods())
         self._stop = asyncio.Event()
 
     def _prepare_dirs(self) -> None:
         for d in (self.layout.state_dir, self.layout.run_dir, self.layout.log_dir,
-                  self.layout.domains_run_dir):
+                  self.layout.domains_run_dir, self.layout.save_dir):
             d.mkdir(parents=True, exist_ok=True, mode=0o700)
         try:
             self.layout.socket_path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
@@ -107,12 +111,24 @@ class Daemon:
                               f"{exc.strerror or exc}") from exc
         self.ctx.store.prepare()
 
+    def _managed_saves(self) -> list[Path]:
+        """Blocking: the managed save images in the state directory."""
+        try:
+            return [p for p in self.layout.save_dir.iterdir() if p.suffix == ".save"]
+        except OSError:
+            return []
+
     async def _load_definitions(self) -> None:
         """Every definition on disk (read in a worker thread, rule L6). Two files with one
         uuid: the first (by file name) is loaded, the other reported, never fatal."""
+        images = {p.name for p in await asyncio.to_thread(self._managed_saves)}
         for definition, autostart in await asyncio.to_thread(self.ctx.store.load_all):
             try:
-                self.ctx.table.add(Domain(definition, persistent=True, autostart=autostart))
+                dom = Domain(definition, persistent=True, autostart=autostart)
+                dom.managed_save = self.layout.managed_save(dom.name).name in images
+                if dom.managed_save:
+                    dom.reason = Reason.SAVED
+                self.ctx.table.add(dom)
             except ValueError as exc:
                 self.ctx.warn(f"definition {self.ctx.store.path_for(definition.name)} is not "
                               f"loaded: {exc}")

@@ -31,6 +31,10 @@ class Domain:
         self.state = DomainState.SHUTOFF
         self.reason = Reason.UNKNOWN
         self.run: Run | None = None
+        # The definition it was made with: what a transient domain being restored shows
+        # before its run exists.
+        self._initial_def = definition
+        self.managed_save = False  # a managed save image waits for the next start
         self.removed = False   # set (under the driver lock) when it leaves the table
 
     @property
@@ -51,8 +55,7 @@ class Domain:
         """The live definition while running, else the persistent one."""
         if self.run is not None:
             return self.run.definition
-        assert self.persistent_def is not None, f"domain {self.name} has no definition"
-        return self.persistent_def
+        return self.persistent_def or self._initial_def
 
     def assert_locked(self) -> None:
         assert self.lock.held_by_current_task(), f"domain {self.name}: lock not held"
@@ -71,6 +74,7 @@ class Domain:
             "vcpus": d.vcpus,
             "persistent": self.persistent,
             "autostart": self.autostart,
+            "managed_save": self.managed_save,
             "accel": run.accel if run is not None else str(d.accel),
             "job": self.job.describe(),
             "agent_job": self.agent_job.describe()["job"],

@@ -50,7 +50,8 @@ class JobKind(enum.StrEnum):
 class AsyncJobKind(enum.StrEnum):
     """Long jobs (at most one per domain), during which some sync jobs may still run."""
 
-    START = "start"
+    START = "start"        # a boot, or a restore (incoming state from a save file)
+    SAVE = "save"          # the guest's state into a file, then QEMU stops
 
 
 # The sync jobs other tasks may take beside an async job unless it says otherwise.
@@ -59,8 +60,14 @@ DEFAULT_MASK: frozenset[JobKind] = frozenset({JobKind.QUERY, JobKind.DESTROY, Jo
 # What each async job allows beside it, and its phases in order (persisted in status files).
 ASYNC_JOBS: dict[AsyncJobKind, tuple[frozenset[JobKind], tuple[str, ...]]] = {
     # prepare: the status file says a start is under way; spawn: QEMU is being spawned;
-    # connect: QEMU runs (pid recorded), the monitor is being connected; resume: `cont`.
-    AsyncJobKind.START: (DEFAULT_MASK, ("prepare", "spawn", "connect", "resume")),
+    # connect: QEMU runs (pid recorded), the monitor is being connected; incoming: a restore
+    # loads the saved state; loaded: it has (a managed save image is deleted from here on,
+    # so a restarted daemon finishes such a start rather than roll it back); resume: `cont`.
+    AsyncJobKind.START: (DEFAULT_MASK, ("prepare", "spawn", "connect", "incoming", "loaded",
+                                        "resume")),
+    # pause: the vCPUs are being stopped; save: QEMU writes its state to the file; finish:
+    # the file is complete and on disk, QEMU is being stopped (reason `saved`).
+    AsyncJobKind.SAVE: (DEFAULT_MASK, ("pause", "save", "finish")),
 }
 
 
@@ -101,6 +108,8 @@ class AsyncJob:
         self.phases = phases
         self.phase = phases[0]
         self.progress: dict[str, Any] | None = None
+        # What a restarted daemon needs to finish or undo the job (persisted with the phase).
+        self.data: dict[str, Any] = {}
         self.since = time.monotonic()
         self.started_at = _now_iso()
         self.abort_requested: str | None = None  # who asked

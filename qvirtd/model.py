@@ -310,6 +310,12 @@ class Reason(enum.StrEnum):
     IOERROR = "ioerror"
     WATCHDOG = "watchdog"
     WAKEUP = "wakeup"
+    SAVING = "saving"          # paused: its state is being saved
+    SAVED = "saved"            # shut off: its state is in a save file
+    RESTORED = "restored"      # running: started from a save file
+    MIGRATING = "migrating"    # paused: at the end of an outgoing migration
+    MIGRATED = "migrated"      # shut off: it runs on another daemon now; or running: it came
+                               # from one
 
 
 _ID_RE = re.compile(r"^[0-9]+$")

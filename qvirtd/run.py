@@ -181,7 +181,8 @@ class Run:
             definition=self.definition, stop_reason=self.stop_reason,
             saw_shutdown=self.saw_shutdown, fake_reboot=self.fake_reboot,
             async_job=JobRecord(kind=str(job.kind), phase=job.phase, owner=job.owner,
-                                since=job.started_at) if job is not None else None,
+                                since=job.started_at, data=dict(job.data))
+            if job is not None else None,
             follow_ups=[FollowUpRecord(kind=str(f.kind), why=f.why, device=f.device)
                         for f in self.follow_ups],
             ports=dict(self.ports), root_ports=self.root_ports,

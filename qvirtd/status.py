@@ -49,6 +49,7 @@ class JobRecord(Lenient):
     phase: str = ""
     owner: str = ""
     since: str = ""
+    data: dict[str, Any] = {}   # what finishing or undoing the job needs (per job kind)
 
 
 class FollowUpRecord(Lenient):

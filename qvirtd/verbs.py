@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from .ops.devices import Devices
     from .ops.guest import Guest
     from .ops.lifecycle import Lifecycle
+    from .ops.saves import Saves
     from .ops.volumes import Volumes
     from .rpc.server import Connection
 
@@ -58,8 +59,9 @@ class Services:
     """What a handler may use in the daemon (set up by the daemon, typed for mypy)."""
 
     def __init__(self, ctx: Context, ops: Lifecycle, devices: Devices, guest: Guest,
-                 volumes: Volumes) -> None:
+                 volumes: Volumes, saves: Saves) -> None:
         self.ctx = ctx
+        self.saves = saves
         self.ops = ops
         self.devices = devices
         self.guest = guest
@@ -71,6 +73,8 @@ Handler = Callable[[Services, Any, "Connection"], Awaitable[Any]]
 
 class ArgKind(enum.Enum):
     TEXT = "text"            # a string (positional or --opt VALUE)
+    PATH = "path"            # a file name: qvirsh makes it absolute (the daemon's cwd is
+                             # not the user's)
     FLAG = "flag"            # --opt: true when given
     NUMBER = "number"        # --opt SECONDS (float)
     INT = "int"              # --opt N
@@ -161,10 +165,28 @@ class DefineParams(Params):
 class UndefineParams(NameParams):
     nvram: bool = False
     keep_nvram: bool = False
+    managed_save: bool = False
 
 
 class StartParams(NameParams):
     paused: bool = False
+    force_boot: bool = False
+
+
+FilePath = Annotated[str, Field(min_length=1, max_length=4096)]
+
+
+class SaveParams(NameParams):
+    file: FilePath
+
+
+class RestoreParams(Params):
+    file: FilePath
+    paused: bool = False
+
+
+class GuestsStopParams(Params):
+    mode: Literal["nothing", "shutdown", "managedsave"] | None = None
 
 
 class ShutdownParams(NameParams):
@@ -294,11 +316,14 @@ async def _define(s: Services, p: DefineParams, c: Connection) -> Any:
       UndefineParams, name_arg(),
       Arg("nvram", "--nvram", ArgKind.FLAG, help="also remove its UEFI NVRAM"),
       Arg("keep_nvram", "--keep-nvram", ArgKind.FLAG, help="keep its UEFI NVRAM"),
+      Arg("managed_save", "--managed-save", ArgKind.FLAG,
+          help="also remove its managed save image"),
       human=lambda r: f"Domain '{r['name']}' undefined"
       + (" (still running, now transient)" if r["transient"] else "")
       + (", NVRAM removed" if r.get("nvram_removed") else ""))
 async def _undefine(s: Services, p: UndefineParams, c: Connection) -> Any:
-    return await s.ops.undefine(p.name, c.caller.owner("undefine"), p.nvram, p.keep_nvram)
+    return await s.ops.undefine(p.name, c.caller.owner("undefine"), p.nvram, p.keep_nvram,
+                                p.managed_save)
 
 
 @verb("list", "list domains (running ones, or --all)", ListParams,
@@ -338,9 +363,67 @@ async def _dumpjson(s: Services, p: DumpParams, c: Connection) -> Any:
 
 @verb("start", "launch QEMU and run the guest", StartParams, name_arg(),
       Arg("paused", "--paused", ArgKind.FLAG, help="leave the vCPUs paused"),
-      human=lambda r: f"Domain '{r['name']}' started (id {r['id']}, pid {r['pid']})")
+      Arg("force_boot", "--force-boot", ArgKind.FLAG,
+          help="boot afresh, deleting a managed save image (else it is resumed)"),
+      human=lambda r: f"Domain '{r['name']}' started (id {r['id']}, pid {r['pid']})"
+      + (" from its managed save" if r.get("reason") == "restored" else ""))
 async def _start(s: Services, p: StartParams, c: Connection) -> Any:
-    return await s.ops.start(p.name, p.paused, c.caller.owner("start"))
+    return await s.ops.start(p.name, p.paused, c.caller.owner("start"), p.force_boot)
+
+
+def _saved(r: dict[str, Any]) -> str:
+    return (f"Domain '{r['name']}' saved to {r['file']} ({r['bytes']} bytes)"
+            + (" (managed: the next start resumes it)" if r["managed"] else ""))
+
+
+@verb("save", "stop the guest into FILE (its state; restore brings it back)", SaveParams,
+      name_arg(), Arg("file", kind=ArgKind.PATH, metavar="FILE",
+                      help="the save file (created or replaced)"),
+      human=_saved)
+async def _save(s: Services, p: SaveParams, c: Connection) -> Any:
+    return await s.saves.save(p.name, p.file, c.caller.owner("save"))
+
+
+@verb("restore", "start a domain again from a save file", RestoreParams,
+      Arg("file", kind=ArgKind.PATH, metavar="FILE", help="a file written by save"),
+      Arg("paused", "--paused", ArgKind.FLAG, help="leave the vCPUs paused"),
+      human=lambda r: f"Domain '{r['name']}' restored (id {r['id']}, {r['state']})")
+async def _restore(s: Services, p: RestoreParams, c: Connection) -> Any:
+    return await s.saves.restore(p.file, p.paused, c.caller.owner("restore"))
+
+
+@verb("managedsave", "stop the guest into the state directory; the next start resumes it",
+      NameParams, name_arg(), human=_saved)
+async def _managedsave(s: Services, p: NameParams, c: Connection) -> Any:
+    return await s.saves.save(p.name, None, c.caller.owner("managedsave"))
+
+
+@verb("managedsave-remove", "delete the domain's managed save image (it boots afresh)",
+      NameParams, name_arg(),
+      human=lambda r: f"Managed save image of '{r['name']}' removed")
+async def _managedsave_remove(s: Services, p: NameParams, c: Connection) -> Any:
+    return await s.saves.managedsave_remove(p.name, c.caller.owner("managedsave-remove"))
+
+
+def _guests(r: dict[str, Any]) -> str:
+    lines = [f" {name}: {what}" for name, what in sorted(r["domains"].items())]
+    head = f"mode {r['mode']}:" if "mode" in r else "started:"
+    return "\n".join([head, *lines]) if lines else f"{head} no guests"
+
+
+@verb("guests-stop", "host shutdown: stop every running guest as on_host_shutdown says",
+      GuestsStopParams,
+      Arg("mode", "--mode", metavar="nothing|shutdown|managedsave",
+          help="instead of the on_host_shutdown setting"),
+      human=_guests)
+async def _guests_stop(s: Services, p: GuestsStopParams, c: Connection) -> Any:
+    return await s.saves.guests_stop(p.mode, c.caller.owner("guests-stop"))
+
+
+@verb("guests-start", "host boot: start the guests guests-stop stopped (resuming saves)",
+      NoParams, human=_guests)
+async def _guests_start(s: Services, p: NoParams, c: Connection) -> Any:
+    return await s.saves.guests_start(c.caller.owner("guests-start"))
 
 
 @verb("shutdown", "ask the guest to power off (ACPI power button)", ShutdownParams,

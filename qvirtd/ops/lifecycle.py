@@ -155,9 +155,11 @@ class Lifecycle:
         return {"name": dom.name, "uuid": dom.uuid, "created": False}
 
     async def undefine(self, ident: str, owner: str, nvram: bool = False,
-                       keep_nvram: bool = False) -> dict[str, Any]:
+                       keep_nvram: bool = False, managed_save: bool = False
+                       ) -> dict[str, Any]:
         """Remove the persistent definition (and its autostart mark). A domain with an
-        NVRAM (UEFI variables) needs `nvram` (remove it too) or `keep_nvram`, as in virsh."""
+        NVRAM (UEFI variables) needs `nvram` (remove it too) or `keep_nvram`, and one with
+        a managed save image `managed_save` (remove it too), as in virsh."""
         ctx = self.ctx
         dom = await ctx.lookup(ident)
         async with ctx.job(dom, JobKind.MODIFY, owner):
@@ -165,6 +167,11 @@ class Lifecycle:
                 if not dom.persistent:
                     raise InvalidOperationError(f"domain '{dom.name}' is not persistent")
                 had_mark = dom.autostart
+                has_image = dom.managed_save
+            if has_image and not managed_save:
+                raise InvalidOperationError(
+                    f"domain '{dom.name}' has a managed save image: undefine it with "
+                    "--managed-save to remove that too (or start it first)")
             nvram_found = [p for p in nvram_files(ctx.layout.nvram_dir, dom.uuid)
                            if await asyncio.to_thread(p.exists)]
             if nvram_found and not (nvram or keep_nvram):
@@ -174,6 +181,8 @@ class Lifecycle:
             # The files go first (no lock held); if they cannot, nothing changes. The mark
             # goes before the definition: a mark left behind without its definition would
             # autostart the next domain defined under this name.
+            if has_image:
+                await self.runtime.remove_managed_save(dom, owner)
             await ctx.store.set_autostart(dom.name, False)
             try:
                 await ctx.store.delete(dom.name)
@@ -193,7 +202,8 @@ class Lifecycle:
         log.info("domain %s undefined by %s%s", dom.name, owner,
                  " (NVRAM removed)" if nvram and nvram_found else "")
         return {"name": dom.name, "transient": transient,
-                "nvram_removed": bool(nvram and nvram_found)}
+                "nvram_removed": bool(nvram and nvram_found),
+                "managed_save_removed": has_image}
 
     async def _restore_mark(self, dom: Domain, exc: StorageError) -> None:
         """undefine removed the autostart mark but not the definition: put the mark back.
@@ -379,9 +389,10 @@ class Lifecycle:
 
     # --- start and stop ------------------------------------------------------------------
 
-    async def start(self, ident: str, paused: bool, owner: str) -> dict[str, Any]:
+    async def start(self, ident: str, paused: bool, owner: str,
+                    force_boot: bool = False) -> dict[str, Any]:
         dom = await self.ctx.lookup(ident)
-        await self.runtime.start(dom, paused, owner)
+        await self.runtime.start(dom, paused, owner, force_boot)
         return await self.dominfo(dom.uuid)
 
     async def destroy(self, ident: str, owner: str) -> dict[str, Any]:

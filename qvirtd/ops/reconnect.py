@@ -52,6 +52,7 @@ from . import qmp_events
 from .context import Context
 from .devices import reconcile
 from .runtime import Runtime, end_reason
+from .saves import Saves
 
 log = logging.getLogger(__name__)
 
@@ -76,10 +77,19 @@ def _started(status: DomainStatus) -> bool:
     return status.async_job is None or status.async_job.kind != AsyncJobKind.START
 
 
+def _restore_loaded(status: DomainStatus) -> bool:
+    """A restore whose QEMU had loaded the saved guest (a managed image may be gone): such
+    a start is finished, never rolled back (the QEMU may hold the only copy of the guest)."""
+    job = status.async_job
+    return (job is not None and job.kind == AsyncJobKind.START and "restore" in job.data
+            and job.phase in ("loaded", "resume"))
+
+
 class Reconnector:
-    def __init__(self, ctx: Context, runtime: Runtime) -> None:
+    def __init__(self, ctx: Context, runtime: Runtime, saves: Saves) -> None:
         self.ctx = ctx
         self.runtime = runtime
+        self.saves = saves
 
     async def adopt_all(self) -> list[asyncio.Task[None]]:
         """Before serving: account for every status file; start the reconnect tasks."""
@@ -163,7 +173,16 @@ class Reconnector:
                     run.follow_up_wake.set()
         if process is None:
             reason = end_reason(status.stop_reason, status.saw_shutdown)
-            if not _started(status):
+            job_record = status.async_job
+            if job_record is not None and job_record.kind == AsyncJobKind.SAVE and \
+                    job_record.phase != "finish":
+                # QEMU died while writing the file: it is not a whole save.
+                partial = Path(str(job_record.data.get("path", "")))
+                if partial.is_absolute() and job_record.data.get("created"):
+                    log.warning("domain %s: removing the partial save file %s", dom.name,
+                                partial)
+                    await ctx.writer.remove(partial, durable=False)
+            if not _started(status) and not _restore_loaded(status):
                 # Killed between writing the record and learning the pid, or during the
                 # start: whatever QEMU names this run directory is that half-started run.
                 for pid in self._using(run_dir, processes):
@@ -200,27 +219,51 @@ class Reconnector:
         """Holding the "reconnect" job: finish, roll back or re-establish the run."""
         ctx = self.ctx
         try:
-            if not _started(status) or run.stop_reason is not None:
+            cut_short = not _started(status) and not _restore_loaded(status)
+            if cut_short or run.stop_reason is not None:
                 async with dom.lock:  # L3
                     if dom.run is not run:
                         return
-                    if not _started(status):
+                    if cut_short:
                         run.stop_reason = Reason.FAILED  # a start cut short: roll it back
                     ctx.save_status(dom, run)
                 log.info("domain %s: finishing the interrupted %s", dom.name,
-                         "start (rolled back)" if not _started(status) else "stop")
+                         "start (rolled back)" if cut_short else "stop")
                 await self.runtime.kill(dom, run)
                 return
-            if status.async_job is not None:
-                log.warning("domain %s: async job '%s' (phase %s) of the previous daemon is "
-                            "not known here: the run is kept as it is", dom.name,
-                            status.async_job.kind, status.async_job.phase)
             if not await self._establish(dom, run):
                 ctx.spawn(self._keep_trying(dom, run), f"monitor-retry-{dom.name}", run)
+                return
+            await self._finish_job(dom, run, status)
         except QvirtError as exc:
             log.error("domain %s: reconnect failed: %s", dom.name, exc)
         finally:
             await ctx.end_job(dom, job)
+
+    async def _finish_job(self, dom: Domain, run: Run, status: DomainStatus) -> None:
+        """Holding the reconnect job, the monitor connected: finish or undo the async job
+        the previous daemon was doing (docs/design.md has the table)."""
+        record = status.async_job
+        if record is None:
+            return
+        if _restore_loaded(status):
+            log.info("domain %s: finishing the restore the previous daemon had loaded",
+                     dom.name)
+            if record.data.get("managed"):
+                await self.runtime.remove_managed_save(dom, "reconnect")
+            paused = bool(record.data.get("paused"))
+            if not paused:
+                await self.ctx.qmp(dom, run, "cont", what="restore (reconnect)")
+            async with dom.lock:  # L5
+                self.ctx.ensure_current(dom, run, "restore (reconnect)")
+                run.starting = False
+                self.runtime.announce_started(dom, paused, restored=True)
+            return
+        if await self.saves.resume_save(dom, run, record):
+            return
+        log.warning("domain %s: async job '%s' (phase %s) of the previous daemon is not "
+                    "known here: the run is kept as it is", dom.name, record.kind,
+                    record.phase)
 
     async def _establish(self, dom: Domain, run: Run) -> bool:
         """Connect the monitor and console and resync; False if QEMU does not answer."""

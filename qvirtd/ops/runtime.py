@@ -20,11 +20,13 @@ import logging
 import os
 import socket
 import time
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
 
-from ..cloudinit import SEED_FILE, attach_seed
+from .. import savefile
+from ..cloudinit import SEED_FILE, attach_seed, seed_moved_to, write_run_files
 from ..domain import Domain
 from ..errors import (
     DomainBusyError,
@@ -50,8 +52,9 @@ from ..qemu.process import (
 )
 from ..qemu.unixpath import short_path
 from ..run import CONSOLE_LOG, FollowUp, FollowUpKind, QmpQueue, Run
+from ..savefile import SaveHeader
 from ..status import status_path
-from . import qmp_events
+from . import qemu_migration, qmp_events
 from .context import Context
 from .devices import finish_detach
 
@@ -82,6 +85,8 @@ STOP_DETAIL = {
     Reason.DESTROYED: "destroyed",
     Reason.CRASHED: "crashed",
     Reason.FAILED: "failed",
+    Reason.SAVED: "saved",
+    Reason.MIGRATED: "migrated",
 }
 
 
@@ -110,6 +115,16 @@ def _listener(path: Path) -> socket.socket:
     return sock
 
 
+@dataclass
+class Incoming:
+    """A start that receives a saved guest instead of booting one (a restore)."""
+
+    fd: int                 # the save file, positioned at QEMU's stream (QEMU inherits it)
+    header: SaveHeader
+    path: Path              # the save file
+    managed: bool           # a managed save image: deleted once QEMU has loaded it
+
+
 class Runtime:
     """Launching and watching QEMU runs; reacting to what QEMU says."""
 
@@ -118,11 +133,46 @@ class Runtime:
 
     # --- launch --------------------------------------------------------------------------
 
-    async def start(self, dom: Domain, paused: bool, owner: str) -> None:
+    async def start(self, dom: Domain, paused: bool, owner: str,
+                    force_boot: bool = False) -> None:
         """Start a new run of `dom` under the START async job (queries, destroy and
-        domjobabort may go on beside it)."""
-        async with self.ctx.async_job(dom, AsyncJobKind.START, owner) as job:
-            await self.launch(dom, job, paused)
+        domjobabort may go on beside it). A domain with a managed save image is restored
+        from it (and the image deleted), unless `force_boot` (then the image is deleted and
+        the guest boots afresh)."""
+        ctx = self.ctx
+        async with ctx.async_job(dom, AsyncJobKind.START, owner) as job:
+            async with dom.lock:  # L3
+                managed = dom.managed_save
+            if not managed:
+                await self.launch(dom, job, paused)
+                return
+            path = ctx.layout.managed_save(dom.name)
+            if force_boot:
+                await self.remove_managed_save(dom, owner)
+                await self.launch(dom, job, paused)
+                return
+            header, offset = await asyncio.to_thread(savefile.read, path)
+            if header.uuid != dom.uuid or header.name != dom.name:
+                raise InvalidOperationError(
+                    f"the managed save image {path} is of domain '{header.name}' "
+                    f"({header.uuid}), not of this one: remove it (managedsave-remove)")
+            fd = await asyncio.to_thread(savefile.open_stream, path, offset)
+            try:
+                await self.launch(dom, job, paused, Incoming(fd, header, path, managed=True))
+            finally:
+                os.close(fd)
+
+    async def remove_managed_save(self, dom: Domain, owner: str) -> bool:
+        """Delete the domain's managed save image (durably); True if there was one."""
+        ctx = self.ctx
+        path = ctx.layout.managed_save(dom.name)
+        existed = await asyncio.to_thread(path.exists)
+        await ctx.writer.remove(path, durable=True)
+        async with dom.lock:  # L3
+            dom.managed_save = False
+        if existed:
+            log.info("domain %s: managed save image removed (%s)", dom.name, owner)
+        return existed
 
     async def enter_phase(self, dom: Domain, run: Run, job: AsyncJob, phase: str) -> None:
         """Record the async job's new phase in the status file (rule L3), then give the
@@ -153,17 +203,23 @@ class Runtime:
                 f"(its uuid {dom.uuid} or {run_dir} is in that command line) but this daemon "
                 "does not manage it; stop that process first (see daemon-warnings)")
 
-    async def launch(self, dom: Domain, job: AsyncJob, paused: bool) -> None:
+    async def launch(self, dom: Domain, job: AsyncJob, paused: bool,
+                     incoming: Incoming | None = None) -> None:
         """Start QEMU for `dom` (caller holds the START job) and bring it to running or
-        paused. Whatever fails, nothing is left behind: no QEMU, no id, no status file."""
+        paused; with `incoming`, QEMU loads the saved guest instead of booting it. Whatever
+        fails, nothing is left behind: no QEMU, no id, no status file (and a save image
+        stays where it was)."""
         ctx = self.ctx
         settings = ctx.settings
         async with dom.lock:  # L3
             if dom.active:
                 raise InvalidOperationError(f"domain '{dom.name}' is already running")
-            if dom.persistent_def is None:
+            if incoming is not None:
+                definition = incoming.header.definition
+            elif dom.persistent_def is None:
                 raise NoDomainError(f"domain '{dom.name}' is no longer defined")
-            definition = dom.persistent_def
+            else:
+                definition = dom.persistent_def
         run_dir = ctx.layout.domain_run_dir(dom.name)
         await self.check_no_qemu(dom, run_dir)
         accel = resolve_accel(definition.accel)
@@ -171,10 +227,18 @@ class Runtime:
         async with ctx.table.lock:  # L1: the run's directory and id, nothing else
             ctx.table.claim_run_dir(dom)
             dom_id = ctx.table.assign_id(dom)
+        if incoming is not None:
+            definition = seed_moved_to(definition, run_dir)
         run = Run(definition, run_dir, dom_id, accel)
         run.starting = True
-        run.ports = {dev: root_port_id(i) for dev, i in port_plan(definition).items()}
-        run.root_ports = total_ports(definition)
+        if incoming is not None:  # the saved QEMU's layout, hot-plugged devices included
+            run.ports = dict(incoming.header.ports)
+            run.root_ports = incoming.header.root_ports
+            job.data = {"restore": str(incoming.path), "managed": incoming.managed,
+                        "paused": paused}
+        else:
+            run.ports = {dev: root_port_id(i) for dev, i in port_plan(definition).items()}
+            run.root_ports = total_ports(definition)
         log_path = ctx.layout.domain_log(dom.name)
         log_offset = 0
         published = False
@@ -195,6 +259,9 @@ class Runtime:
             await ctx.status_barrier(run)
             await self.test_pause()
             firmware = await firmware_for(ctx.ovmf, ctx.layout.nvram_dir, definition)
+            if incoming is not None:  # the saved run's own files (its cloud-init seed)
+                await asyncio.to_thread(write_run_files, run_dir,
+                                        savefile.decode_files(incoming.header))
             live = await attach_seed(definition, run_dir)  # cloud-init: the seed CD-ROM
             if live is not definition:
                 async with dom.lock:  # L3: the JSON config names the seed before QEMU has it
@@ -209,30 +276,35 @@ class Runtime:
                 LaunchPaths(run_dir).vnc_socket.unlink()
             argv = build_argv(definition, accel, settings.qemu_binary, listeners[0].fileno(),
                               LaunchPaths(run_dir), cpu, listeners[1].fileno(), firmware,
-                              listeners[2].fileno() if definition.guest_agent else None)
+                              listeners[2].fileno() if definition.guest_agent else None,
+                              run.ports, run.root_ports, incoming is not None)
             log_offset = await asyncio.to_thread(self._log_start, log_path, dom.name, argv)
             await self.enter_phase(dom, run, job, "spawn")
-            process = await QemuProcess.spawn(argv, [s.fileno() for s in listeners], log_path,
-                                              run_dir)
+            fds = [s.fileno() for s in listeners]
+            if incoming is not None:
+                fds.append(incoming.fd)
+            process = await QemuProcess.spawn(argv, fds, log_path, run_dir)
             async with dom.lock:  # L3: the run has a process now (the status records its pid)
                 self.attach(dom, run, process)
             log.info("domain %s: QEMU pid %d started (accel %s) for %s", dom.name, process.pid,
                      accel, job.owner)
             await self.enter_phase(dom, run, job, "connect")
             await job.abortable(self.connect(dom, run))
+            if incoming is not None:
+                await self.enter_phase(dom, run, job, "incoming")
+                await self.receive(dom, run, job, incoming.fd)
+                # From here a restarted daemon finishes this start (the managed image goes).
+                await self.enter_phase(dom, run, job, "loaded")
+                await ctx.status_barrier(run)
+                if incoming.managed:
+                    await self.remove_managed_save(dom, job.owner)
             if not paused:
                 await self.enter_phase(dom, run, job, "resume")
                 await job.abortable(ctx.qmp(dom, run, "cont", what="start"))
             async with dom.lock:  # L5: still our run?
                 ctx.ensure_current(dom, run, "start")
                 run.starting = False
-                if paused:
-                    ctx.set_state(dom, DomainState.PAUSED, Reason.USER)
-                    ctx.emit(dom, "lifecycle", "started", "booted")
-                    ctx.emit(dom, "lifecycle", "suspended", "paused")
-                else:
-                    ctx.set_state(dom, DomainState.RUNNING, Reason.BOOTED)
-                    ctx.emit(dom, "lifecycle", "started", "booted")
+                self.announce_started(dom, paused, incoming is not None)
                 ctx.save_status(dom, run, with_job=False)
             # Barrier: "started" only once the disk says so too. Until then a restarted
             # daemon would roll the start back, and a status that cannot be written (full
@@ -255,6 +327,25 @@ class Runtime:
         finally:
             for sock in listeners:
                 sock.close()
+
+    def announce_started(self, dom: Domain, paused: bool, restored: bool) -> None:
+        """Under the domain lock: the state and events of a start that has finished."""
+        ctx = self.ctx
+        detail = "restored" if restored else "booted"
+        if paused:
+            ctx.set_state(dom, DomainState.PAUSED, Reason.USER)
+            ctx.emit(dom, "lifecycle", "started", detail)
+            ctx.emit(dom, "lifecycle", "suspended", "paused")
+        else:
+            ctx.set_state(dom, DomainState.RUNNING,
+                          Reason.RESTORED if restored else Reason.BOOTED)
+            ctx.emit(dom, "lifecycle", "started", detail)
+
+    async def receive(self, dom: Domain, run: Run, job: AsyncJob, fd: int) -> None:
+        """The incoming QEMU loads the guest from `fd` (its inherited save file)."""
+        await qemu_migration.set_capabilities(self.ctx, dom, run, {"events": True}, "restore")
+        await self.ctx.qmp(dom, run, "migrate-incoming", {"uri": f"fd:{fd}"}, what="restore")
+        await qemu_migration.wait_done(self.ctx, dom, run, job, "restore", outgoing=False)
 
     @staticmethod
     def _log_start(log_path: Path, name: str, argv: list[str]) -> int:

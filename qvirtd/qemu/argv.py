@@ -187,12 +187,16 @@ def vnc_option(definition: DomainDef, paths: LaunchPaths) -> str:
 def build_argv(definition: DomainDef, accel: str, qemu_binary: str, monitor_fd: int,
                paths: LaunchPaths, cpu: str | None = None,
                console_fd: int | None = None, firmware: Firmware | None = None,
-               agent_fd: int | None = None) -> list[str]:
+               agent_fd: int | None = None, ports: dict[str, str] | None = None,
+               root_ports: int | None = None, incoming: bool = False) -> list[str]:
     """The full command line for `definition`, started paused (-S), its monitor and serial
     console served by QEMU on listening sockets passed as fds (the daemon connects to both).
     `cpu` is the `-cpu` model (qemu/accel.py picks it; None: QEMU's default); without
     `console_fd` the serial port has no backend (benchmarks). `firmware`: OVMF as two pflash
-    devices (qemu/firmware.py); None for SeaBIOS."""
+    devices (qemu/firmware.py); None for SeaBIOS. A QEMU that will receive a saved or
+    migrated guest (`incoming`: `-incoming defer`) must have the sender's device layout:
+    `ports` and `root_ports` are then the sender's (which root port each PCI device sat on,
+    hot-plugged ones included), not the plan of a fresh start."""
     d = definition
     uuid = str(d.uuid)
     machine = {"accel": accel, "usb": "off", "dump_guest_core": "off"}
@@ -239,30 +243,34 @@ def build_argv(definition: DomainDef, accel: str, qemu_binary: str, monitor_fd: 
             argv += ["-initrd", d.boot.initrd]
         if d.boot.cmdline:
             argv += ["-append", d.boot.cmdline]
-    plan = port_plan(d)
-    devices: list[dict[str, Any]] = [root_port_device(i) for i in range(total_ports(d))]
-    devices.append({"driver": "virtio-scsi-pci", "id": SCSI_ID,
-                    "bus": root_port_id(plan[SCSI_ID])})
+    if incoming:
+        argv += ["-incoming", "defer"]
+    plan = {dev: root_port_id(i) for dev, i in port_plan(d).items()}
+    if ports:
+        plan.update(ports)
+    count = root_ports if root_ports else total_ports(d)
+    devices: list[dict[str, Any]] = [root_port_device(i) for i in range(count)]
+    devices.append({"driver": "virtio-scsi-pci", "id": SCSI_ID, "bus": plan[SCSI_ID]})
     if d.guest_agent:
         if agent_fd is None:
             raise ValueError("guest_agent needs the agent channel's listening socket")
         argv += ["-chardev", opts("socket", id=AGENT_ID, fd=str(agent_fd), server="on",
                                   wait="off")]
         devices.append({"driver": "virtio-serial-pci", "id": VSERIAL_ID,
-                        "bus": root_port_id(plan[VSERIAL_ID])})
+                        "bus": plan[VSERIAL_ID]})
         devices.append({"driver": "virtserialport", "id": AGENT_ID, "bus": f"{VSERIAL_ID}.0",
                         "chardev": AGENT_ID, "name": AGENT_PORT_NAME})
     for disk in d.disks:
         for node in disk_blockdevs(disk):
             argv += ["-blockdev", jarg(node)]
-        devices.append(disk_device(disk, root_port_id(plan[disk.id])))
+        devices.append(disk_device(disk, plan[disk.id]))
     for cdrom in d.cdroms:
         for node in cdrom_blockdevs(cdrom):
             argv += ["-blockdev", jarg(node)]
         devices.append(cdrom_device(cdrom))
     for nic in d.nics:
         argv += ["-netdev", jarg(nic_netdev(nic))]
-        devices.append(nic_device(nic, uuid, root_port_id(plan[nic.id])))
+        devices.append(nic_device(nic, uuid, plan[nic.id]))
     # In order: root ports before what plugs into them, the SCSI controller before its CDs.
     for dev in devices:
         argv += ["-device", jarg(dev)]

@@ -34,7 +34,9 @@ import asyncio
 import collections
 import contextlib
 import logging
+import os
 import socket
+import struct
 from collections.abc import Callable, Coroutine, Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -260,6 +262,32 @@ class Monitor:
             raise MonitorClosedError(
                 f"domain '{self.domain_name}': QEMU monitor closed while '{command}' "
                 "was running") from exc
+
+    async def send_fd(self, name: str, fd: int, timeout_s: float | None = None) -> None:
+        """Hand `fd` to QEMU under `name` (SCM_RIGHTS, then `getfd`), for `migrate fd:NAME`.
+
+        The library's own `send_fd_scm` reaches into the transport's socket object, which
+        uvloop does not expose; a duplicate of the connection's fd carries the message
+        instead. The fd rides on one space (JSON whitespace to QEMU's parser), written only
+        when nothing else is waiting in the transport's buffer, so it cannot split a
+        command. Our copy of `fd` stays open (the caller closes it)."""
+        check_no_locks(f"QMP getfd on {self.domain_name}")
+        writer = self._client._writer  # the library keeps it private
+        if self._closed or writer is None:
+            raise MonitorClosedError(f"domain '{self.domain_name}': the QEMU monitor is "
+                                     "closed (no fd sent)")
+        transport = writer.transport
+        while transport.get_write_buffer_size() > 0:
+            await writer.drain()
+        raw = transport.get_extra_info("socket")
+        try:
+            with socket.socket(fileno=os.dup(raw.fileno())) as sock:
+                sock.sendmsg([b" "], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                       struct.pack("@i", fd))])
+        except OSError as exc:
+            raise MonitorClosedError(f"domain '{self.domain_name}': cannot pass a file to "
+                                     f"QEMU: {exc}") from exc
+        await self.execute("getfd", {"fdname": name}, timeout_s)
 
     async def wait_lost(self, timeout_s: float) -> bool:
         """Wait until the connection is gone (QEMU's last events have been read)."""

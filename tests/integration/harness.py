@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+import pty
+import select
 import shutil
 import signal
 import socket
@@ -228,3 +230,37 @@ def guest_definition(image: Any, name: str = "guest", **extra: Any) -> dict[str,
 
 def tiny_definition(name: str, **extra: Any) -> dict[str, Any]:
     return {"name": name, "memory_mib": 64, "vcpus": 1, **extra}
+
+
+class Terminal:
+    """`qvirsh ARGS` on a real pty, as a person at a terminal runs it."""
+
+    def __init__(self, daemon: Daemon, *args: str) -> None:
+        self.master, slave = pty.openpty()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "qvirtd.cli", "--socket", str(daemon.socket), *args],
+            stdin=slave, stdout=slave, stderr=slave, start_new_session=True)
+        os.close(slave)
+        self.seen = b""
+
+    def read_until(self, text: bytes, timeout_s: float = 20) -> bytes:
+        deadline = time.monotonic() + timeout_s
+        while text not in self.seen:
+            left = deadline - time.monotonic()
+            assert left > 0, f"timed out waiting for {text!r}; saw {self.seen[-500:]!r}"
+            ready, _, _ = select.select([self.master], [], [], min(left, 0.2))
+            if ready:
+                try:
+                    self.seen += os.read(self.master, 65536)
+                except OSError:
+                    break
+        return self.seen
+
+    def type(self, data: bytes) -> None:
+        os.write(self.master, data)
+
+    def close(self) -> int:
+        try:
+            return self.proc.wait(10)
+        finally:
+            os.close(self.master)

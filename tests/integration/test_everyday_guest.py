@@ -8,58 +8,19 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import os
-import pty
-import select
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 from build_guest import GUEST_HOSTNAME, SECURE_BOOT_MEMORY_MIB
-from harness import Daemon, guest_definition, tiny_definition, wait_for
+from harness import Daemon, Terminal, guest_definition, tiny_definition, wait_for
 from test_graphics import png_pixels
 
 from qvirtd.client import RpcError
 
 READY = "QVIRTD-GUEST: ready"
-
-
-class Terminal:
-    """`qvirsh ARGS` on a real pty, as a person at a terminal runs it."""
-
-    def __init__(self, daemon: Daemon, *args: str) -> None:
-        self.master, slave = pty.openpty()
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "qvirtd.cli", "--socket", str(daemon.socket), *args],
-            stdin=slave, stdout=slave, stderr=slave, start_new_session=True)
-        os.close(slave)
-        self.seen = b""
-
-    def read_until(self, text: bytes, timeout_s: float = 20) -> bytes:
-        deadline = time.monotonic() + timeout_s
-        while text not in self.seen:
-            left = deadline - time.monotonic()
-            assert left > 0, f"timed out waiting for {text!r}; saw {self.seen[-500:]!r}"
-            ready, _, _ = select.select([self.master], [], [], min(left, 0.2))
-            if ready:
-                try:
-                    self.seen += os.read(self.master, 65536)
-                except OSError:
-                    break
-        return self.seen
-
-    def type(self, data: bytes) -> None:
-        os.write(self.master, data)
-
-    def close(self) -> int:
-        try:
-            return self.proc.wait(10)
-        finally:
-            os.close(self.master)
 
 
 def test_console_round_trip_watchers_takeover_and_restart(daemon: Daemon, guest: Any) -> None:

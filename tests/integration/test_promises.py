@@ -133,7 +133,8 @@ async def test_define_racing_undefine_never_disagrees_with_disk(daemon_factory: 
         started, undefined, defined = await asyncio.gather(start, undefine, define,
                                                            return_exceptions=True)
         assert isinstance(started, RpcError) and "failed to start" in str(started)
-        assert undefined == {"name": "lazarus", "transient": False, "nvram_removed": False}
+        assert undefined == {"name": "lazarus", "transient": False, "nvram_removed": False,
+                             "managed_save_removed": False}
         assert isinstance(defined, dict) and defined["created"] is True, defined
         listed = {d["name"] for d in await clients[0].call("list", {"all": True})}
         assert "lazarus" in listed and file.exists()

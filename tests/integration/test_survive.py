@@ -190,13 +190,20 @@ def test_ready_and_watchdog_reach_notify_socket(daemon_factory: Any, tmp_path: P
 def test_systemd_units_verify(tmp_path: Path) -> None:
     service = (REPO / "systemd" / "qvirtd.service").read_text()
     qvirtd = shutil.which("qvirtd") or str(Path(sys.executable).parent / "qvirtd")
+    qvirsh = str(Path(qvirtd).with_name("qvirsh"))
     (tmp_path / "qvirtd.service").write_text(service.replace("/usr/local/bin/qvirtd", qvirtd))
+    guests = (REPO / "systemd" / "qvirtd-guests.service").read_text()
+    (tmp_path / "qvirtd-guests.service").write_text(
+        guests.replace("/usr/local/bin/qvirsh", qvirsh))
     shutil.copy(REPO / "systemd" / "qvirtd.socket", tmp_path / "qvirtd.socket")
     res = subprocess.run(["systemd-analyze", "verify", str(tmp_path / "qvirtd.socket"),
-                          str(tmp_path / "qvirtd.service")], capture_output=True, text=True)
+                          str(tmp_path / "qvirtd.service"),
+                          str(tmp_path / "qvirtd-guests.service")],
+                         capture_output=True, text=True)
     assert res.returncode == 0 and not res.stderr.strip(), res.stderr
     assert "KillMode=process" in service and "Type=notify" in service
     assert "WatchdogSec=" in service
+    assert "ExecStop=/usr/local/bin/qvirsh guests-stop" in guests
 
 
 async def test_frozen_qemu_at_reconnect_holds_up_nobody(daemon_factory: Any) -> None:

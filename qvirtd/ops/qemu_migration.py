@@ -1,0 +1,135 @@
+"""Driving QEMU's migration stream, for a save (to a file), a restore (from one) and, next, a
+live migration: capabilities, the wait for the end with progress, cancel.
+
+Every wait is the enter/exit monitor pattern (rule L4: no lock held), is abortable by
+`domjobabort` (the async job's `abortable()`), and ends: QEMU's MIGRATION events say when
+the stream is done, `query-migrate` is polled between them for the progress `domjobinfo`
+shows, and an outgoing stream whose byte count does not move for `migration_stall_timeout_s`
+fails (a frozen QEMU fails sooner: its `query-migrate` times out).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import Any
+
+from ..domain import Domain
+from ..errors import MonitorClosedError, QvirtError
+from ..job import AsyncJob
+from ..run import Run
+from .context import Context
+
+log = logging.getLogger(__name__)
+
+POLL_S = 0.5  # how often progress is read while the stream runs
+FINAL = frozenset({"completed", "failed", "cancelled"})
+
+
+class MigrationFailedError(QvirtError):
+    """QEMU said the migration stream failed (its own words are in the message)."""
+
+    kind = "migration"
+
+
+def progress(info: dict[str, Any]) -> dict[str, Any]:
+    """`query-migrate`'s answer as `domjobinfo` shows it."""
+    ram = info.get("ram") or {}
+    out: dict[str, Any] = {"status": info.get("status")}
+    for key, name in (("transferred", "ram_transferred_bytes"),
+                      ("remaining", "ram_remaining_bytes"), ("total", "ram_total_bytes"),
+                      ("dirty-pages-rate", "dirty_pages_rate"), ("mbps", "mbps"),
+                      ("dirty-sync-count", "iterations")):
+        if key in ram:
+            out[name] = ram[key]
+    for key, name in (("expected-downtime", "expected_downtime_ms"),
+                      ("downtime", "downtime_ms"), ("total-time", "total_time_ms"),
+                      ("setup-time", "setup_time_ms")):
+        if key in info:
+            out[name] = info[key]
+    disk = info.get("disk")
+    if disk:
+        out["disk_transferred_bytes"] = disk.get("transferred")
+        out["disk_remaining_bytes"] = disk.get("remaining")
+    return out
+
+
+async def set_capabilities(ctx: Context, dom: Domain, run: Run, caps: dict[str, bool],
+                           what: str) -> None:
+    await ctx.qmp(dom, run, "migrate-set-capabilities",
+                  {"capabilities": [{"capability": k, "state": v} for k, v in caps.items()]},
+                  what=what)
+
+
+UNLIMITED_BYTES_S = 1 << 40  # QEMU's own default is 128 MiB/s: far too slow for a file
+
+
+async def set_bandwidth(ctx: Context, dom: Domain, run: Run, mib_s: float, what: str) -> None:
+    """The stream's rate limit: `mib_s` MiB/s, or none for 0."""
+    rate = int(mib_s * 1024 * 1024) if mib_s > 0 else UNLIMITED_BYTES_S
+    await ctx.qmp(dom, run, "migrate-set-parameters", {"max-bandwidth": rate}, what=what)
+
+
+async def wait_done(ctx: Context, dom: Domain, run: Run, job: AsyncJob, what: str,
+                    outgoing: bool = True,
+                    on_status: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Wait (no lock held) until the run's migration stream is completed; return the final
+    `query-migrate` (as `progress()`). MigrationFailedError if QEMU says it failed or was
+    cancelled, JobAbortedError on `domjobabort`. `on_status`: status name -> coroutine
+    function awaited when QEMU reports that status (pre-switchover, for a migration)."""
+    monitor = run.monitor
+    if monitor is None:
+        raise MonitorClosedError(f"domain '{dom.name}': the QEMU monitor is not connected")
+    stall_s = ctx.settings.migration_stall_timeout_s
+    last_moved = time.monotonic()
+    last_bytes = -1
+    seen: set[str] = set()
+    with monitor.listen(["MIGRATION"]) as listener:
+        while True:
+            info = await job.abortable(ctx.qmp(dom, run, "query-migrate", what=what))
+            status = str(info.get("status", "none"))
+            shown = progress(info)
+            async with dom.lock:  # L3: domjobinfo reads it
+                ctx.ensure_current(dom, run, what)
+                job.progress = shown
+            if status == "completed":
+                return shown
+            if status in ("failed", "cancelled"):
+                raise MigrationFailedError(
+                    f"domain '{dom.name}': {what} failed: QEMU reports the migration stream "
+                    f"{status}" + (f" ({info['error-desc']})" if info.get("error-desc") else ""))
+            if on_status and status in on_status and status not in seen:
+                seen.add(status)
+                await on_status[status]()
+                continue
+            if outgoing:
+                moved = int(shown.get("ram_transferred_bytes", 0)) + int(
+                    shown.get("disk_transferred_bytes") or 0)
+                now = time.monotonic()
+                if moved != last_bytes:
+                    last_bytes, last_moved = moved, now
+                elif now - last_moved > stall_s:
+                    raise MigrationFailedError(
+                        f"domain '{dom.name}': {what} failed: the migration stream has not "
+                        f"moved for {stall_s:g} s (status {status})")
+            with contextlib.suppress(TimeoutError):
+                await job.abortable(listener.get(POLL_S))
+
+
+async def cancel(ctx: Context, dom: Domain, run: Run, what: str) -> None:
+    """Ask QEMU to stop an outgoing stream and wait (bounded) until it has: after this the
+    source QEMU may be resumed. Errors are logged, not raised (this is an undo)."""
+    try:
+        await ctx.qmp(dom, run, "migrate_cancel", what=what)
+        deadline = time.monotonic() + ctx.settings.monitor_timeout_s
+        while time.monotonic() < deadline:
+            info = await ctx.qmp(dom, run, "query-migrate", what=what)
+            if str(info.get("status", "none")) in FINAL | {"none"}:
+                return
+            await asyncio.sleep(0.05)
+        log.warning("domain %s: the migration stream did not stop within %.0f s of "
+                    "migrate_cancel", dom.name, ctx.settings.monitor_timeout_s)
+    except QvirtError as exc:
+        log.warning("domain %s: cancelling the migration stream: %s", dom.name, exc)
