@@ -125,8 +125,8 @@ async def run(args: argparse.Namespace) -> int:
         params = params_from(v, args)
         if v.cli == "console":
             return await console(socket_path, params)
-        if v.cli == "vol-create":
-            return await _vol_create(client, args, v, params)
+        if v.cli in PROGRESS:
+            return await _with_progress(client, args, v, params)
         if v.cli == "event":
             return await _events(client, args, params)
         result = await client.call(v.name, params)
@@ -170,10 +170,35 @@ def _save_screenshot(args: argparse.Namespace, result: dict[str, Any]) -> int:
     return 0
 
 
-async def _vol_create(client: Client, args: argparse.Namespace, v: Verb,
-                      params: dict[str, Any]) -> int:
-    """The call, with the daemon's `vol-progress` notes as a progress line meanwhile (one
-    line redrawn on a terminal, plain lines otherwise)."""
+def _vol_line(p: dict[str, Any]) -> str:
+    pct = 100.0 * p["done"] / max(p["total"], 1)
+    return f"{p['path']}: {pct:5.1f}% ({p['done'] >> 20} of {p['total'] >> 20} MiB)"
+
+
+def _migrate_line(p: dict[str, Any]) -> str:
+    total = p.get("ram_total_bytes") or 0
+    done = p.get("ram_transferred_bytes") or 0
+    left = p.get("ram_remaining_bytes")
+    pct = 100.0 * (total - left) / total if total and left is not None else 0.0
+    width = 30
+    bar = "#" * int(width * pct / 100) + "-" * (width - int(width * pct / 100))
+    rate = p.get("mbps")
+    return (f"{p.get('name', '?')}: [{bar}] {pct:5.1f}% {p.get('status', '?')}, "
+            f"{done >> 20} MiB sent" + (f", {left >> 20} MiB left" if left is not None else "")
+            + (f", {rate:.0f} Mbit/s" if rate else "")
+            + (f", dirty {p['dirty_pages_rate']} pages/s" if p.get("dirty_pages_rate") else ""))
+
+
+# verb -> (its progress notification, how one reads)
+PROGRESS: dict[str, tuple[str, Any]] = {"vol-create": ("vol-progress", _vol_line),
+                                        "migrate": ("migrate-progress", _migrate_line)}
+
+
+async def _with_progress(client: Client, args: argparse.Namespace, v: Verb,
+                         params: dict[str, Any]) -> int:
+    """The call, with the daemon's progress notes meanwhile (one line redrawn on a
+    terminal, plain lines otherwise)."""
+    method, line_of = PROGRESS[str(v.cli)]
     call = asyncio.ensure_future(client.call(v.name, params))
     tty_err = sys.stderr.isatty()
     shown = False
@@ -182,11 +207,9 @@ async def _vol_create(client: Client, args: argparse.Namespace, v: Verb,
             note = await client.next_event(0.2)
         except TimeoutError:
             continue
-        if note is None or note.get("method") != "vol-progress":
+        if note is None or note.get("method") != method:
             continue
-        p = note["params"]
-        pct = 100.0 * p["done"] / max(p["total"], 1)
-        line = f"{p['path']}: {pct:5.1f}% ({p['done'] >> 20} of {p['total'] >> 20} MiB)"
+        line = line_of(note["params"])
         print(("\r" + line) if tty_err else line, end="" if tty_err else "\n",
               file=sys.stderr, flush=True)
         shown = True

@@ -26,6 +26,7 @@ from .ops.context import Context
 from .ops.devices import Devices
 from .ops.guest import Guest
 from .ops.lifecycle import Lifecycle
+from .ops.migration import Migration
 from .ops.reconnect import Reconnector
 from .ops.runtime import Runtime
 from .ops.saves import Saves
@@ -88,14 +89,15 @@ class Daemon:
         self.guest = Guest(self.ctx)
         self.ops = Lifecycle(self.ctx, self.runtime, self.guest)
         self.saves = Saves(self.ctx, self.runtime, self.ops)
-        self.reconnector = Reconnector(self.ctx, self.runtime, self.saves)
+        self.migration = Migration(self.ctx, self.runtime)
+        self.reconnector = Reconnector(self.ctx, self.runtime, self.saves, self.migration)
         self.devices = Devices(self.ctx)
         # Every verb of the registry (qvirtd/verbs.py) is a method of the server.
         self.server = RpcServer({}, settings.max_message_bytes,
                                 settings.max_requests_in_flight,
                                 build_methods(Services(self.ctx, self.ops, self.devices,
                                                        self.guest, Volumes(self.ctx),
-                                                       self.saves)),
+                                                       self.saves, self.migration)),
                                 settings.client_write_timeout_s, settings=settings,
                                 upgrade_methods=upgrade_methods())
         self._stop = asyncio.Event()

@@ -52,6 +52,7 @@ class AsyncJobKind(enum.StrEnum):
 
     START = "start"        # a boot, or a restore (incoming state from a save file)
     SAVE = "save"          # the guest's state into a file, then QEMU stops
+    MIGRATION_OUT = "migration-out"  # live migration to another daemon (the source side)
 
 
 # The sync jobs other tasks may take beside an async job unless it says otherwise.
@@ -68,6 +69,13 @@ ASYNC_JOBS: dict[AsyncJobKind, tuple[frozenset[JobKind], tuple[str, ...]]] = {
     # pause: the vCPUs are being stopped; save: QEMU writes its state to the file; finish:
     # the file is complete and on disk, QEMU is being stopped (reason `saved`).
     AsyncJobKind.SAVE: (DEFAULT_MASK, ("pause", "save", "finish")),
+    # begin: recorded, nothing done; prepare: the destination starts its incoming QEMU;
+    # perform: the stream runs (the guest runs here until QEMU switches over); finish: the
+    # stream is complete, the destination is told to resume the guest; confirm: it did,
+    # this QEMU stops (reason migrated). The destination's side is a START job (phases
+    # incoming, loaded, resume) whose status records the migration's token.
+    AsyncJobKind.MIGRATION_OUT: (DEFAULT_MASK, ("begin", "prepare", "perform", "finish",
+                                                "confirm")),
 }
 
 

@@ -43,6 +43,7 @@ MONITOR_SOCKET = "monitor.sock"
 CONSOLE_SOCKET = "console.sock"
 CONSOLE_LOG = "console.log"
 AGENT_SOCKET = "agent.sock"
+MIGRATE_SOCKET = "migrate.sock"   # an incoming migration's stream (QEMU listens on it)
 
 # One run's QMP events on their way to its pump: (name, data, QEMU's timestamp).
 QmpQueue = asyncio.Queue[tuple[str, dict[str, Any], float | None]]
@@ -94,6 +95,11 @@ class Run:
         self.pending_detach: set[str] = set()
         self.follow_ups: list[FollowUp] = []
         self.tainted: list[str] = []
+        # Migrations: the token of the migration that brought this run here (the source's
+        # migrate-finish names it), and, on a source whose finish is not answered yet,
+        # where the guest went ({"dest", "token", "was_running"}).
+        self.incoming_token: str | None = None
+        self.outgoing: dict[str, Any] | None = None
         # Set once the process is known (spawned, or adopted), or its spawn failed.
         self.spawned = asyncio.Event()
         self.ended = asyncio.Event()
@@ -186,7 +192,8 @@ class Run:
             follow_ups=[FollowUpRecord(kind=str(f.kind), why=f.why, device=f.device)
                         for f in self.follow_ups],
             ports=dict(self.ports), root_ports=self.root_ports,
-            pending_detach=sorted(self.pending_detach), tainted=list(self.tainted))
+            pending_detach=sorted(self.pending_detach), tainted=list(self.tainted),
+            incoming_token=self.incoming_token, outgoing=self.outgoing)
 
     @classmethod
     def from_status(cls, status: DomainStatus, run_dir: Path) -> Run:
@@ -200,6 +207,8 @@ class Run:
         run.root_ports = status.root_ports
         run.pending_detach = set(status.pending_detach)
         run.tainted = list(status.tainted)
+        run.incoming_token = status.incoming_token
+        run.outgoing = status.outgoing
         for record in status.follow_ups:
             with contextlib.suppress(ValueError):
                 run.follow_ups.append(FollowUp(FollowUpKind(record.kind), record.why,

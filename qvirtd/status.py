@@ -84,6 +84,8 @@ class DomainStatus(Lenient):
     root_ports: int = 0
     pending_detach: list[str] = []
     tainted: list[str] = []
+    incoming_token: str | None = None          # the migration that brought the run here
+    outgoing: dict[str, Any] | None = None     # a migration out whose finish is unanswered
     written: str = ""
 
     def encode(self) -> bytes:

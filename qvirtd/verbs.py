@@ -17,6 +17,7 @@ the `Services` object a handler is given, never imported here.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import enum
 import json
 from collections.abc import Awaitable, Callable
@@ -32,6 +33,7 @@ if TYPE_CHECKING:
     from .ops.devices import Devices
     from .ops.guest import Guest
     from .ops.lifecycle import Lifecycle
+    from .ops.migration import Migration
     from .ops.saves import Saves
     from .ops.volumes import Volumes
     from .rpc.server import Connection
@@ -59,9 +61,10 @@ class Services:
     """What a handler may use in the daemon (set up by the daemon, typed for mypy)."""
 
     def __init__(self, ctx: Context, ops: Lifecycle, devices: Devices, guest: Guest,
-                 volumes: Volumes, saves: Saves) -> None:
+                 volumes: Volumes, saves: Saves, migration: Migration) -> None:
         self.ctx = ctx
         self.saves = saves
+        self.migration = migration
         self.ops = ops
         self.devices = devices
         self.guest = guest
@@ -182,6 +185,32 @@ class SaveParams(NameParams):
 
 class RestoreParams(Params):
     file: FilePath
+    paused: bool = False
+
+
+class MigrateParams(NameParams):
+    dest: Annotated[str, Field(min_length=1, max_length=4096)]
+    persistent: bool = False
+    undefine_source: bool = False
+    copy_storage: bool = False
+    max_downtime: Annotated[int, Field(ge=1, le=3_600_000)] | None = None
+    bandwidth: Annotated[float, Field(gt=0, le=1024 * 1024)] | None = None
+
+
+Token = Annotated[str, Field(min_length=8, max_length=64, pattern=r"^[0-9a-f]+$")]
+
+
+class MigratePrepareParams(Params):
+    header: dict[str, Any]
+    token: Token
+    paused: bool = False
+    persistent: bool = False
+    definition: dict[str, Any] | None = None
+
+
+class MigrateFinishParams(NameParams):
+    token: Token
+    action: Literal["resume", "abort"]
     paused: bool = False
 
 
@@ -409,6 +438,56 @@ def _guests(r: dict[str, Any]) -> str:
     lines = [f" {name}: {what}" for name, what in sorted(r["domains"].items())]
     head = f"mode {r['mode']}:" if "mode" in r else "started:"
     return "\n".join([head, *lines]) if lines else f"{head} no guests"
+
+
+def _migrated(r: dict[str, Any]) -> str:
+    extra = f", downtime {r['downtime_ms']} ms" if r.get("downtime_ms") is not None else ""
+    return (f"Domain '{r['name']}' migrated to {r['dest']} in {r['elapsed_s']:.2f} s"
+            f"{extra}")
+
+
+@verb("migrate", "live-migrate the domain to another qvirtd (unix:///PATH/qvirtd.sock)",
+      MigrateParams, name_arg(),
+      Arg("dest", metavar="DEST", help="the destination daemon: unix:///PATH/qvirtd.sock"),
+      Arg("persistent", "--persistent", ArgKind.FLAG,
+          help="define it on the destination too (its persistent definition)"),
+      Arg("undefine_source", "--undefine-source", ArgKind.FLAG,
+          help="undefine it here once it runs there"),
+      Arg("copy_storage", "--copy-storage", ArgKind.FLAG,
+          help="copy its disks while it runs (not built yet)"),
+      Arg("max_downtime", "--max-downtime", ArgKind.INT, metavar="MS",
+          help="the longest pause QEMU may take to switch over"),
+      Arg("bandwidth", "--bandwidth", ArgKind.NUMBER, metavar="MIB_S",
+          help="the stream's rate limit"),
+      human=_migrated, cli="migrate")
+async def _migrate(s: Services, p: MigrateParams, c: Connection) -> Any:
+    def progress(state: dict[str, Any]) -> None:
+        c.emit(json.dumps({"jsonrpc": "2.0", "method": "migrate-progress",
+                           "params": state}).encode() + b"\n")
+    return await s.migration.migrate(p.name, p.dest, c.caller.owner("migrate"), p.persistent,
+                                     p.undefine_source, p.max_downtime, p.bandwidth, progress,
+                                     p.copy_storage)
+
+
+@verb("migrate-prepare", "(daemon to daemon) start an incoming QEMU for a migration",
+      MigratePrepareParams, human=text.pretty_json)
+async def _migrate_prepare(s: Services, p: MigratePrepareParams, c: Connection) -> Any:
+    def on_close(callback: Callable[[], None]) -> None:
+        async def watch() -> None:
+            try:
+                await asyncio.Event().wait()
+            finally:
+                callback()
+        c.start_task(watch(), "migrate-prepare-watch")
+    return await s.migration.prepare(p.header, p.token, p.paused, p.persistent, p.definition,
+                                     c.caller.owner("migrate-prepare"), on_close)
+
+
+@verb("migrate-finish", "(daemon to daemon) resume or drop an incoming migration",
+      MigrateFinishParams, name_arg(), human=text.pretty_json)
+async def _migrate_finish(s: Services, p: MigrateFinishParams, c: Connection) -> Any:
+    return await s.migration.finish(p.name, p.token, p.action,
+                                    c.caller.owner("migrate-finish"), p.paused)
 
 
 @verb("guests-stop", "host shutdown: stop every running guest as on_host_shutdown says",

@@ -17,8 +17,9 @@ import time
 from typing import Any
 
 from ..domain import Domain
-from ..errors import MonitorClosedError, QvirtError
+from ..errors import DomainGoneError, MonitorClosedError, QvirtError
 from ..job import AsyncJob
+from ..model import DomainState, Reason
 from ..run import Run
 from .context import Context
 
@@ -74,11 +75,13 @@ async def set_bandwidth(ctx: Context, dom: Domain, run: Run, mib_s: float, what:
 
 async def wait_done(ctx: Context, dom: Domain, run: Run, job: AsyncJob, what: str,
                     outgoing: bool = True,
-                    on_status: dict[str, Any] | None = None) -> dict[str, Any]:
+                    on_status: dict[str, Any] | None = None,
+                    on_poll: Any = None) -> dict[str, Any]:
     """Wait (no lock held) until the run's migration stream is completed; return the final
     `query-migrate` (as `progress()`). MigrationFailedError if QEMU says it failed or was
     cancelled, JobAbortedError on `domjobabort`. `on_status`: status name -> coroutine
-    function awaited when QEMU reports that status (pre-switchover, for a migration)."""
+    function awaited when QEMU reports that status (pre-switchover, for a migration);
+    `on_poll`: a coroutine function given each progress reading."""
     monitor = run.monitor
     if monitor is None:
         raise MonitorClosedError(f"domain '{dom.name}': the QEMU monitor is not connected")
@@ -94,6 +97,8 @@ async def wait_done(ctx: Context, dom: Domain, run: Run, job: AsyncJob, what: st
             async with dom.lock:  # L3: domjobinfo reads it
                 ctx.ensure_current(dom, run, what)
                 job.progress = shown
+            if on_poll is not None:
+                await on_poll(shown)
             if status == "completed":
                 return shown
             if status in ("failed", "cancelled"):
@@ -118,18 +123,37 @@ async def wait_done(ctx: Context, dom: Domain, run: Run, job: AsyncJob, what: st
                 await job.abortable(listener.get(POLL_S))
 
 
-async def cancel(ctx: Context, dom: Domain, run: Run, what: str) -> None:
+async def resume_guest(ctx: Context, dom: Domain, run: Run, what: str, reason: Reason,
+                       detail: str) -> bool:
+    """`cont` after an undone save or migration, and the state that goes with it (event
+    resumed/`detail`). False if QEMU did not do it (logged); True if the run is gone."""
+    try:
+        await ctx.qmp(dom, run, "cont", what=what)
+        async with dom.lock:  # L5
+            ctx.ensure_current(dom, run, what)
+            ctx.set_state(dom, DomainState.RUNNING, reason, ("resumed", detail))
+        return True
+    except DomainGoneError:
+        return True  # nothing left to resume
+    except QvirtError as exc:
+        log.error("domain %s: could not resume the guest (%s): %s", dom.name, what, exc)
+        return False
+
+
+async def cancel(ctx: Context, dom: Domain, run: Run, what: str) -> bool:
     """Ask QEMU to stop an outgoing stream and wait (bounded) until it has: after this the
-    source QEMU may be resumed. Errors are logged, not raised (this is an undo)."""
+    source QEMU may be resumed. False if QEMU did not confirm (frozen, busy); errors are
+    logged, not raised (this is an undo)."""
     try:
         await ctx.qmp(dom, run, "migrate_cancel", what=what)
         deadline = time.monotonic() + ctx.settings.monitor_timeout_s
         while time.monotonic() < deadline:
             info = await ctx.qmp(dom, run, "query-migrate", what=what)
             if str(info.get("status", "none")) in FINAL | {"none"}:
-                return
+                return True
             await asyncio.sleep(0.05)
         log.warning("domain %s: the migration stream did not stop within %.0f s of "
                     "migrate_cancel", dom.name, ctx.settings.monitor_timeout_s)
     except QvirtError as exc:
         log.warning("domain %s: cancelling the migration stream: %s", dom.name, exc)
+    return False

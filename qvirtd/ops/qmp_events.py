@@ -73,7 +73,8 @@ def _poweroff_action(ctx: Context, dom: Domain, run: Run, guest: bool,
 def _stop(ctx: Context, dom: Domain, run: Run, data: dict[str, Any]) -> FollowUp | None:
     if dom.state is DomainState.RUNNING:
         reason = run.pause_hint or Reason.UNKNOWN
-        detail = {Reason.IOERROR: "ioerror", Reason.WATCHDOG: "watchdog"}.get(reason, "paused")
+        detail = {Reason.IOERROR: "ioerror", Reason.WATCHDOG: "watchdog",
+                  Reason.MIGRATING: "migrated"}.get(reason, "paused")
         ctx.set_state(dom, DomainState.PAUSED, reason, ("suspended", detail))
     run.pause_hint = None
     return None

@@ -39,7 +39,7 @@ from pathlib import Path
 from ..domain import Domain
 from ..errors import QvirtError
 from ..job import AsyncJobKind, Job, JobKind
-from ..model import Reason
+from ..model import DomainState, Reason
 from ..qemu.process import (
     QemuProcess,
     proc_start_time,
@@ -51,6 +51,7 @@ from ..status import DomainStatus, FoundStatus, scan_statuses
 from . import qmp_events
 from .context import Context
 from .devices import reconcile
+from .migration import Migration
 from .runtime import Runtime, end_reason
 from .saves import Saves
 
@@ -77,19 +78,31 @@ def _started(status: DomainStatus) -> bool:
     return status.async_job is None or status.async_job.kind != AsyncJobKind.START
 
 
-def _restore_loaded(status: DomainStatus) -> bool:
-    """A restore whose QEMU had loaded the saved guest (a managed image may be gone): such
-    a start is finished, never rolled back (the QEMU may hold the only copy of the guest)."""
+def _incoming(status: DomainStatus) -> str | None:
+    """"restore" or "migration" for a start that received a guest, else None."""
     job = status.async_job
-    return (job is not None and job.kind == AsyncJobKind.START and "restore" in job.data
-            and job.phase in ("loaded", "resume"))
+    if job is None or job.kind != AsyncJobKind.START:
+        return None
+    kind = job.data.get("incoming", "restore" if "restore" in job.data else None)
+    return str(kind) if kind else None
+
+
+def _restore_loaded(status: DomainStatus) -> bool:
+    """A start whose QEMU had loaded a saved or migrated guest: never rolled back (the QEMU
+    may hold the only copy of the guest: a managed image may be gone, the source may have
+    stopped). A restore is finished; a migration waits for its source's word."""
+    job = status.async_job
+    return _incoming(status) is not None and job is not None and \
+        job.phase in ("loaded", "resume")
 
 
 class Reconnector:
-    def __init__(self, ctx: Context, runtime: Runtime, saves: Saves) -> None:
+    def __init__(self, ctx: Context, runtime: Runtime, saves: Saves,
+                 migration: Migration) -> None:
         self.ctx = ctx
         self.runtime = runtime
         self.saves = saves
+        self.migration = migration
 
     async def adopt_all(self) -> list[asyncio.Task[None]]:
         """Before serving: account for every status file; start the reconnect tasks."""
@@ -244,20 +257,31 @@ class Reconnector:
         """Holding the reconnect job, the monitor connected: finish or undo the async job
         the previous daemon was doing (docs/design.md has the table)."""
         record = status.async_job
+        if await self.migration.resume_source(dom, run, record):
+            return
         if record is None:
             return
         if _restore_loaded(status):
-            log.info("domain %s: finishing the restore the previous daemon had loaded",
-                     dom.name)
+            kind = _incoming(status)
+            paused = bool(record.data.get("paused"))
+            if kind == "migration" and record.phase == "loaded":
+                log.info("domain %s: the incoming migration was loaded: paused until its "
+                         "source says (migrate-finish)", dom.name)
+                async with dom.lock:  # L5
+                    self.ctx.ensure_current(dom, run, "migration (reconnect)")
+                    run.starting = False
+                    self.ctx.set_state(dom, DomainState.PAUSED, Reason.MIGRATING)
+                return
+            log.info("domain %s: finishing the %s the previous daemon had loaded",
+                     dom.name, kind)
             if record.data.get("managed"):
                 await self.runtime.remove_managed_save(dom, "reconnect")
-            paused = bool(record.data.get("paused"))
             if not paused:
-                await self.ctx.qmp(dom, run, "cont", what="restore (reconnect)")
+                await self.ctx.qmp(dom, run, "cont", what=f"{kind} (reconnect)")
             async with dom.lock:  # L5
-                self.ctx.ensure_current(dom, run, "restore (reconnect)")
+                self.ctx.ensure_current(dom, run, f"{kind} (reconnect)")
                 run.starting = False
-                self.runtime.announce_started(dom, paused, restored=True)
+                self.runtime.announce_started(dom, paused, kind)
             return
         if await self.saves.resume_save(dom, run, record):
             return

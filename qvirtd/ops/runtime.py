@@ -50,8 +50,8 @@ from ..qemu.process import (
     process_binary,
     uuid_needle,
 )
-from ..qemu.unixpath import short_path
-from ..run import CONSOLE_LOG, FollowUp, FollowUpKind, QmpQueue, Run
+from ..qemu.unixpath import SUN_PATH_MAX, short_path
+from ..run import CONSOLE_LOG, MIGRATE_SOCKET, FollowUp, FollowUpKind, QmpQueue, Run
 from ..savefile import SaveHeader
 from ..status import status_path
 from . import qemu_migration, qmp_events
@@ -116,13 +116,29 @@ def _listener(path: Path) -> socket.socket:
 
 
 @dataclass
-class Incoming:
-    """A start that receives a saved guest instead of booting one (a restore)."""
+class IncomingMigration:
+    """The destination's side of a migration, as the start that receives it sees it."""
 
-    fd: int                 # the save file, positioned at QEMU's stream (QEMU inherits it)
-    header: SaveHeader
-    path: Path              # the save file
-    managed: bool           # a managed save image: deleted once QEMU has loaded it
+    token: str                       # names this migration in both daemons' status files
+    source: str                      # who asked (for logs)
+    listening: asyncio.Future[str]   # QEMU's listen URI, once migrate-incoming is issued
+    go: asyncio.Future[str]          # the source's word: "resume", "abort", or "lost"
+
+
+@dataclass
+class Incoming:
+    """A start that receives a guest instead of booting one: from a save file (a restore)
+    or from another daemon (a migration)."""
+
+    header: SaveHeader               # the live definition, device layout, run files
+    fd: int | None = None            # restore: the save file at QEMU's stream (inherited)
+    path: Path | None = None         # restore: the save file
+    managed: bool = False            # restore: a managed image, deleted once loaded
+    migration: IncomingMigration | None = None
+
+    @property
+    def kind(self) -> str:
+        return "migration" if self.migration is not None else "restore"
 
 
 class Runtime:
@@ -158,7 +174,8 @@ class Runtime:
                     f"({header.uuid}), not of this one: remove it (managedsave-remove)")
             fd = await asyncio.to_thread(savefile.open_stream, path, offset)
             try:
-                await self.launch(dom, job, paused, Incoming(fd, header, path, managed=True))
+                await self.launch(dom, job, paused,
+                                  Incoming(header, fd=fd, path=path, managed=True))
             finally:
                 os.close(fd)
 
@@ -190,12 +207,15 @@ class Runtime:
         if delay > 0:
             await asyncio.sleep(delay)
 
-    async def check_no_qemu(self, dom: Domain, run_dir: Path) -> None:
+    async def check_no_qemu(self, dom: Domain, run_dir: Path, by_uuid: bool = True) -> None:
         """The process table is the authority: refuse to start a domain when a QEMU with its
         uuid, or one using its run directory, is alive (a run we lost track of, a damaged
-        status file, another daemon)."""
-        found = await self.ctx.processes.find([uuid_needle(dom.uuid),
-                                               str(run_dir).encode() + b"/"])
+        status file, another daemon). An incoming migration checks the run directory only
+        (`by_uuid` False): its source QEMU, on this machine, has the same uuid."""
+        needles = [str(run_dir).encode() + b"/"]
+        if by_uuid:
+            needles.append(uuid_needle(dom.uuid))
+        found = await self.ctx.processes.find(needles)
         if found:
             pids = ", ".join(str(pid) for pid, _ in found)
             raise DomainBusyError(
@@ -221,8 +241,11 @@ class Runtime:
             else:
                 definition = dom.persistent_def
         run_dir = ctx.layout.domain_run_dir(dom.name)
-        await self.check_no_qemu(dom, run_dir)
-        accel = resolve_accel(definition.accel)
+        await self.check_no_qemu(dom, run_dir, incoming is None or incoming.migration is None)
+        # A guest that comes from another QEMU keeps its accelerator (TCG and KVM state do
+        # not mix in one migration stream).
+        accel = (incoming.header.accel if incoming is not None and incoming.header.accel
+                 else resolve_accel(definition.accel))
         cpu = await cpu_model(accel, settings.qemu_binary)
         async with ctx.table.lock:  # L1: the run's directory and id, nothing else
             ctx.table.claim_run_dir(dom)
@@ -234,8 +257,12 @@ class Runtime:
         if incoming is not None:  # the saved QEMU's layout, hot-plugged devices included
             run.ports = dict(incoming.header.ports)
             run.root_ports = incoming.header.root_ports
-            job.data = {"restore": str(incoming.path), "managed": incoming.managed,
-                        "paused": paused}
+            job.data = {"incoming": incoming.kind, "paused": paused}
+            if incoming.migration is not None:
+                run.incoming_token = incoming.migration.token
+                job.data["token"] = incoming.migration.token
+            else:
+                job.data.update(restore=str(incoming.path), managed=incoming.managed)
         else:
             run.ports = {dev: root_port_id(i) for dev, i in port_plan(definition).items()}
             run.root_ports = total_ports(definition)
@@ -281,7 +308,7 @@ class Runtime:
             log_offset = await asyncio.to_thread(self._log_start, log_path, dom.name, argv)
             await self.enter_phase(dom, run, job, "spawn")
             fds = [s.fileno() for s in listeners]
-            if incoming is not None:
+            if incoming is not None and incoming.fd is not None:
                 fds.append(incoming.fd)
             process = await QemuProcess.spawn(argv, fds, log_path, run_dir)
             async with dom.lock:  # L3: the run has a process now (the status records its pid)
@@ -292,19 +319,28 @@ class Runtime:
             await job.abortable(self.connect(dom, run))
             if incoming is not None:
                 await self.enter_phase(dom, run, job, "incoming")
-                await self.receive(dom, run, job, incoming.fd)
-                # From here a restarted daemon finishes this start (the managed image goes).
+                if incoming.migration is not None:
+                    await self.receive_migration(dom, run, job, incoming.migration)
+                else:
+                    assert incoming.fd is not None
+                    await self.receive(dom, run, job, incoming.fd)
+                # From here a restarted daemon keeps this QEMU: a restore is finished, a
+                # migration waits for the source's word (the managed image goes now).
                 await self.enter_phase(dom, run, job, "loaded")
                 await ctx.status_barrier(run)
                 if incoming.managed:
                     await self.remove_managed_save(dom, job.owner)
+                if incoming.migration is not None and \
+                        not await self.await_source(dom, run, job, incoming.migration):
+                    return
             if not paused:
                 await self.enter_phase(dom, run, job, "resume")
                 await job.abortable(ctx.qmp(dom, run, "cont", what="start"))
             async with dom.lock:  # L5: still our run?
                 ctx.ensure_current(dom, run, "start")
                 run.starting = False
-                self.announce_started(dom, paused, incoming is not None)
+                self.announce_started(dom, paused,
+                                      incoming.kind if incoming is not None else None)
                 ctx.save_status(dom, run, with_job=False)
             # Barrier: "started" only once the disk says so too. Until then a restarted
             # daemon would roll the start back, and a status that cannot be written (full
@@ -328,18 +364,81 @@ class Runtime:
             for sock in listeners:
                 sock.close()
 
-    def announce_started(self, dom: Domain, paused: bool, restored: bool) -> None:
-        """Under the domain lock: the state and events of a start that has finished."""
+    def announce_started(self, dom: Domain, paused: bool, incoming: str | None) -> None:
+        """Under the domain lock: the state and events of a start that has finished
+        (`incoming`: None for a boot, "restore" or "migration")."""
         ctx = self.ctx
-        detail = "restored" if restored else "booted"
+        detail, reason = {None: ("booted", Reason.BOOTED),
+                          "restore": ("restored", Reason.RESTORED),
+                          "migration": ("migrated", Reason.MIGRATED)}[incoming]
         if paused:
             ctx.set_state(dom, DomainState.PAUSED, Reason.USER)
             ctx.emit(dom, "lifecycle", "started", detail)
             ctx.emit(dom, "lifecycle", "suspended", "paused")
         else:
-            ctx.set_state(dom, DomainState.RUNNING,
-                          Reason.RESTORED if restored else Reason.BOOTED)
+            ctx.set_state(dom, DomainState.RUNNING, reason)
             ctx.emit(dom, "lifecycle", "started", detail)
+            if incoming == "migration":
+                ctx.emit(dom, "lifecycle", "resumed", "migrated")
+
+    async def receive_migration(self, dom: Domain, run: Run, job: AsyncJob,
+                                migration: IncomingMigration) -> None:
+        """The incoming QEMU listens on a UNIX socket in its run directory (the source QEMU
+        connects to it) and loads the guest; the source may give up meanwhile."""
+        ctx = self.ctx
+        path = run.run_dir / MIGRATE_SOCKET
+        if len(str(path).encode()) > SUN_PATH_MAX:
+            raise InvalidOperationError(f"the migration socket path {path} is longer than a "
+                                        "UNIX socket path may be: use a shorter --root")
+        uri = f"unix:{path}"
+        await qemu_migration.set_capabilities(ctx, dom, run, {"events": True}, "migration")
+        await ctx.qmp(dom, run, "migrate-incoming", {"uri": uri}, what="migration")
+        if not migration.listening.done():
+            migration.listening.set_result(uri)
+        done = asyncio.ensure_future(
+            qemu_migration.wait_done(ctx, dom, run, job, "incoming migration", outgoing=False))
+        try:
+            while not done.done():
+                if migration.go.done() and migration.go.result() != "resume":
+                    how = ("gave up on" if migration.go.result() == "abort"
+                           else "went away during")
+                    raise qemu_migration.MigrationFailedError(
+                        f"domain '{dom.name}': the source {how} the migration before it was "
+                        "complete")
+                waits: set[asyncio.Future[Any]] = {done}
+                if not migration.go.done():  # "resume" early: the stream ends by itself
+                    waits.add(migration.go)
+                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not done.done():
+                done.cancel()
+            await asyncio.gather(done, return_exceptions=True)
+        done.result()
+
+    async def await_source(self, dom: Domain, run: Run, job: AsyncJob,
+                           migration: IncomingMigration) -> bool:
+        """The guest is loaded here, paused: wait for the source's word. True: resume it
+        here. "abort": roll back. "lost" (the source went away): keep the paused QEMU, the
+        START job ends; a later migrate-finish (the source's daemon restarted) decides."""
+        ctx = self.ctx
+        async with dom.lock:  # L3
+            ctx.ensure_current(dom, run, "migration")
+            ctx.set_state(dom, DomainState.PAUSED, Reason.MIGRATING)
+        word = await job.abortable(asyncio.shield(migration.go))
+        if word == "resume":
+            return True
+        if word == "abort":
+            raise qemu_migration.MigrationFailedError(
+                f"domain '{dom.name}': the source aborted the migration")
+        log.warning("domain %s: the source of the migration went away after the guest was "
+                    "loaded here: it stays paused until the source decides (migrate-finish)",
+                    dom.name)
+        async with dom.lock:  # L5
+            ctx.ensure_current(dom, run, "migration")
+            run.starting = False
+            ctx.save_status(dom, run, with_job=False)
+        await ctx.status_barrier(run)
+        return False
 
     async def receive(self, dom: Domain, run: Run, job: AsyncJob, fd: int) -> None:
         """The incoming QEMU loads the guest from `fd` (its inherited save file)."""
@@ -503,7 +602,7 @@ class Runtime:
             removals = [ctx.writer.remove(path, durable=False) for path in (
                 status_path(run.run_dir), run.monitor_socket, run.console_socket,
                 paths.pidfile, paths.vnc_socket, run.agent_socket,
-                run.run_dir / SEED_FILE)]
+                run.run_dir / SEED_FILE, run.run_dir / MIGRATE_SOCKET)]
         await run.close()
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(TEARDOWN_FILES_S):

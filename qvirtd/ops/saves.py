@@ -57,6 +57,25 @@ def _check_target(path: Path) -> None:
         raise InvalidOperationError(f"save file {str(path)!r}: give an absolute path")
 
 
+async def domain_for(ctx: Context, header: SaveHeader) -> tuple[Domain, bool]:
+    """The table entry a saved or migrated guest comes back into: its domain if defined
+    here (same name and uuid; it must not run), else a new transient one. (entry, created)"""
+    async with ctx.table.lock:  # L1
+        by_uuid = ctx.table.get_uuid(header.uuid)
+        by_name = ctx.table.get_name(header.name)
+        if by_uuid is not None and by_uuid is by_name:
+            return by_uuid, False
+        if by_uuid is None and by_name is None:
+            dom = Domain(header.definition, persistent=False)
+            ctx.table.add(dom)
+            return dom, True
+    other = by_uuid or by_name
+    assert other is not None
+    raise InvalidOperationError(
+        f"the guest is domain '{header.name}' ({header.uuid}), but domain '{other.name}' "
+        f"({other.uuid}) has that {'uuid' if by_uuid else 'name'} here")
+
+
 class Saves:
     def __init__(self, ctx: Context, runtime: Runtime, ops: Lifecycle) -> None:
         self.ctx = ctx
@@ -162,15 +181,8 @@ class Saves:
         if current:
             await qemu_migration.cancel(ctx, dom, run, "save (undo)")
             if paused_by_us:
-                try:
-                    await ctx.qmp(dom, run, "cont", what="save (undo)")
-                    async with dom.lock:  # L5
-                        ctx.ensure_current(dom, run, "save (undo)")
-                        ctx.set_state(dom, DomainState.RUNNING, Reason.UNPAUSED,
-                                      ("resumed", "unpaused"))
-                except QvirtError as exc:
-                    log.error("domain %s: could not resume the guest after the failed save: "
-                              "%s", dom.name, exc)
+                await qemu_migration.resume_guest(ctx, dom, run, "save (undo)",
+                                                  Reason.UNPAUSED, "unpaused")
         if not created:
             return
         try:
@@ -199,14 +211,15 @@ class Saves:
         source = Path(path)
         _check_target(source)
         header, offset = await asyncio.to_thread(savefile.read, source)
-        dom, created = await self._domain_for(header)
+        dom, created = await domain_for(ctx, header)
         try:
             async with ctx.async_job(dom, AsyncJobKind.START, owner) as job:
                 fd = await asyncio.to_thread(savefile.open_stream, source, offset)
                 try:
                     managed = source == ctx.layout.managed_save(dom.name)
                     await self.runtime.launch(dom, job, paused,
-                                              Incoming(fd, header, source, managed))
+                                              Incoming(header, fd=fd, path=source,
+                                                       managed=managed))
                 finally:
                     os.close(fd)
         finally:
@@ -215,25 +228,6 @@ class Saves:
         log.info("domain %s: restored from %s by %s", dom.name, source, owner)
         async with dom.lock:  # L3
             return dom.info()
-
-    async def _domain_for(self, header: SaveHeader) -> tuple[Domain, bool]:
-        """The table entry the image restores into: its domain if defined (same name and
-        uuid), else a new transient one. (entry, created)"""
-        ctx = self.ctx
-        async with ctx.table.lock:  # L1
-            by_uuid = ctx.table.get_uuid(header.uuid)
-            by_name = ctx.table.get_name(header.name)
-            if by_uuid is not None and by_uuid is by_name:
-                return by_uuid, False
-            if by_uuid is None and by_name is None:
-                dom = Domain(header.definition, persistent=False)
-                ctx.table.add(dom)
-                return dom, True
-        other = by_uuid or by_name
-        assert other is not None
-        raise InvalidOperationError(
-            f"the save image is of domain '{header.name}' ({header.uuid}), but domain "
-            f"'{other.name}' ({other.uuid}) has that {'uuid' if by_uuid else 'name'}")
 
     async def managedsave_remove(self, ident: str, owner: str) -> dict[str, Any]:
         dom = await self.ctx.lookup(ident)

@@ -225,10 +225,13 @@ class Connection:
         self.streams.discard(stream)
 
     def start_task(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
-        """A task that only serves this connection: cancelled when it closes."""
+        """A task that only serves this connection: cancelled when it closes (at once, if it
+        already has: a handler that outlived its connection must not leave one behind)."""
         task = asyncio.get_running_loop().create_task(coro, name=name)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        if self.closed:
+            task.cancel()
         return task
 
     def close(self, abort: bool = False) -> None:

@@ -1,0 +1,226 @@
+"""Live migration between two qvirtd daemons under two --roots on this machine (issue 11),
+against real QEMU: the booted guest's counter goes on on the destination's console; a
+failed, refused or aborted migration leaves the guest running on the source; a daemon killed
+at any point leaves the guest running in exactly one QEMU."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+from harness import Daemon, guest_definition, tiny_definition, wait_for
+from test_save_restore import READY, TICK, assert_continues, last_tick, start_counter, ticks
+
+
+def dest(daemon: Daemon) -> str:
+    return f"unix://{daemon.socket}"
+
+
+def lifecycle(daemon: Daemon, name: str) -> list[str]:
+    """The lifecycle events of `name` still in the daemon's replay buffer."""
+    async def collect() -> list[str]:
+        client = await daemon.client()
+        try:
+            await client.call("event", {"domain": name, "since_seq": 0})
+            got = []
+            while True:
+                try:
+                    note = await client.next_event(0.5)
+                except TimeoutError:
+                    return got
+                if note is None:
+                    return got
+                p = note.get("params") or {}
+                if p.get("event") == "lifecycle":
+                    got.append(f"{p['type']}/{p['detail']}")
+        finally:
+            await client.close()
+    return asyncio.run(collect())
+
+
+def state_of(daemon: Daemon, name: str) -> str | None:
+    """The domain's state there, None if that daemon does not have it."""
+    listed = {d["name"]: d["state"] for d in daemon.json("list", "--all")}
+    return listed.get(name)
+
+
+def in_one_place(a: Daemon, b: Daemon, name: str) -> str:
+    """Exactly one QEMU runs the guest, and the daemons agree: 'a' or 'b'."""
+    pa, pb = a.qemu_pids(), b.qemu_pids()
+    assert len(pa) + len(pb) == 1, (pa, pb)
+    where, there, other = ("a", a, b) if pa else ("b", b, a)
+    info = there.json("dominfo", name)
+    assert info["state"] == "running" and info["pid"] == (pa or pb)[0], info
+    listed = {d["name"]: d for d in other.json("list", "--all")}
+    assert name not in listed or listed[name]["state"] == "shutoff", listed
+    return where
+
+
+def test_migration_keeps_the_guest_counting(daemon_factory: Any, guest: Any) -> None:
+    a, b = daemon_factory(), daemon_factory()
+    a.define(guest_definition(guest, "mig"))
+    a.qvirsh("autostart", "mig")
+    a.qvirsh("start", "mig")
+    a.wait_console("mig", READY, timeout_s=60)
+    start_counter(a, "mig")
+    wait_for(lambda: len(ticks(a, "mig")) >= 3, 20, "the counter")
+    r = a.qvirsh("migrate", "mig", dest(b), "--persistent", "--max-downtime", "300")
+    assert "migrated to" in r.stdout, r.stdout
+    assert "completed" in r.stderr  # the progress lines (not a terminal: plain lines)
+    last = last_tick(a, "mig")
+    info = b.json("dominfo", "mig")
+    assert (info["state"], info["reason"], info["persistent"]) == \
+        ("running", "migrated", True)
+    assert_continues(b, "mig", last)
+    assert a.json("dominfo", "mig")["state"] == "shutoff"
+    assert b.qemu_pids() and not a.qemu_pids()
+    assert {"defined/added", "started/migrated", "resumed/migrated"} <= \
+        set(lifecycle(b, "mig"))
+    assert {"suspended/migrated", "stopped/migrated"} <= set(lifecycle(a, "mig"))
+    # And back again, undefining it on the way out, with the JSON result.
+    out = b.json("migrate", "mig", dest(a), "--undefine-source")
+    assert out["status"] == "completed" and out["downtime_ms"] >= 0
+    assert b.json("list", "--all") == []
+    log = (b.root / "run" / "domains" / "mig" / "console.log").read_text(errors="replace")
+    assert_continues(a, "mig", [int(n) for n in TICK.findall(log)][-1])
+    assert a.json("dominfo", "mig")["persistent"] is True
+    a.qvirsh("destroy", "mig")
+
+
+def test_refused_and_aborted_migrations_leave_the_guest_on_the_source(
+        daemon_factory: Any, guest: Any, tmp_path: Path) -> None:
+    a, b = daemon_factory(), daemon_factory()
+    disk = tmp_path / "data.img"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "raw", str(disk), "16M"], check=True)
+    a.define(guest_definition(guest, "ref",
+                              disks=[{"id": "data", "path": str(disk), "format": "raw"}]))
+    a.qvirsh("start", "ref")
+    a.wait_console("ref", READY, timeout_s=60)
+    # The destination cannot open the disk (gone from the path; the source has it open).
+    moved = tmp_path / "moved.img"
+    disk.rename(moved)
+    r = a.qvirsh("migrate", "ref", dest(b), check=False)
+    assert r.returncode == 1 and "refused 'migrate-prepare'" in r.stderr, r.stderr
+    moved.rename(disk)
+    assert in_one_place(a, b, "ref") == "a"
+    assert a.json("dominfo", "ref")["reason"] in ("booted", "migrated")
+    # A destination that is not there, a bad URI.
+    r = a.qvirsh("migrate", "ref", "unix:///nonexistent/qvirtd.sock", check=False)
+    assert r.returncode == 1 and "cannot reach the destination" in r.stderr
+    r = a.qvirsh("migrate", "ref", "http://x", check=False)
+    assert r.returncode == 1 and "unix:///PATH/qvirtd.sock" in r.stderr
+    assert in_one_place(a, b, "ref") == "a"
+
+    # Aborted half-way: a slow stream (1 MiB/s), domjobabort while it runs.
+    migrating = a.qvirsh_async("migrate", "ref", dest(b), "--bandwidth", "1")
+
+    def streaming() -> bool:
+        job = a.json("domjobinfo", "ref")["async_job"]
+        return bool(job and job["phase"] == "perform" and job["progress"]
+                    and job["progress"].get("ram_transferred_bytes", 0) > 1 << 20)
+
+    wait_for(streaming, 30, "the migration stream to move")
+    info = a.json("domjobinfo", "ref")["async_job"]
+    assert info["kind"] == "migration-out" and info["progress"]["ram_total_bytes"] > 0
+    a.qvirsh("domjobabort", "ref")
+    _, err = migrating.communicate(30)
+    assert migrating.returncode == 1 and "aborted" in err, err
+    wait_for(lambda: not b.qemu_pids(), 10, "the incoming QEMU to go")
+    assert in_one_place(a, b, "ref") == "a"
+    assert b.json("list", "--all") == []
+    a.qvirsh("destroy", "ref")
+
+
+def test_destination_daemon_killed_mid_migration(daemon_factory: Any, guest: Any) -> None:
+    """SIGKILL the destination daemon while the stream runs: its QEMU goes on receiving;
+    the source finishes the stream, gets no answer to its finish and keeps the guest paused
+    until the restarted destination answers. Then exactly one runs."""
+    a, b = daemon_factory(), daemon_factory()
+    a.define(guest_definition(guest, "dk"))
+    a.qvirsh("start", "dk")
+    a.wait_console("dk", READY, timeout_s=60)
+    migrating = a.qvirsh_async("migrate", "dk", dest(b), "--bandwidth", "4")
+    wait_for(lambda: (a.json("domjobinfo", "dk")["async_job"] or {}).get("phase")
+             == "perform", 30, "the stream to start")
+    b.stop(signal.SIGKILL)
+    migrating.communicate(120)
+    b.start()
+    wait_for(lambda: len(a.qemu_pids()) + len(b.qemu_pids()) == 1
+             and "running" in (state_of(a, "dk"), state_of(b, "dk")), 90,
+             "the guest to run in exactly one place")
+    where = in_one_place(a, b, "dk")
+    print(f"destination killed mid-migration: the guest runs on {where}")
+    (a if where == "a" else b).qvirsh("destroy", "dk")
+
+
+def test_frozen_source_qemu_fails_the_migration_and_keeps_the_guest(
+        daemon_factory: Any) -> None:
+    settings = {"monitor_timeout_s": 2.0, "migration_stall_timeout_s": 5.0}
+    a, b = daemon_factory(settings), daemon_factory(settings)
+    a.define(tiny_definition("fz", memory_mib=256))
+    a.qvirsh("start", "fz")
+    pid = a.json("dominfo", "fz")["pid"]
+    migrating = a.qvirsh_async("migrate", "fz", dest(b), "--bandwidth", "0.01")
+    wait_for(lambda: (a.json("domjobinfo", "fz")["async_job"] or {}).get("phase")
+             == "perform", 30, "the stream to start")
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        _, err = migrating.communicate(60)
+        assert migrating.returncode == 1, err
+        wait_for(lambda: not b.qemu_pids(), 20, "the incoming QEMU to go")
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    # Thawed, the undo goes through (a task of the run retries it): running on the source.
+    wait_for(lambda: a.json("dominfo", "fz")["state"] == "running", 30,
+             "the guest to run on the source again")
+    assert in_one_place(a, b, "fz") == "a"
+    a.qvirsh("destroy", "fz")
+
+
+def test_kill_loop_either_daemon_at_random_points(daemon_factory: Any) -> None:
+    """30 migrations back and forth; SIGKILL the source or the destination daemon at a
+    random moment of each, restart it: the guest ends in exactly one QEMU every time."""
+    a, b = daemon_factory(), daemon_factory()
+    a.define(tiny_definition("kl", memory_mib=128))
+    a.qvirsh("start", "kl")
+    seed = int(os.environ.get("QVIRTD_TEST_SEED", "0")) or random.randrange(1 << 30)
+    rng = random.Random(seed)
+    counts: dict[str, int] = {}
+    for i in range(30):
+        src, dst = (a, b) if a.qemu_pids() else (b, a)
+        victim = rng.choice([src, dst])
+        migrating = src.qvirsh_async("migrate", "kl", dest(dst), "--bandwidth",
+                                     str(rng.choice([2, 8, 64])))
+        time.sleep(rng.uniform(0.0, 0.6))
+        victim.stop(signal.SIGKILL)
+        _, err = migrating.communicate(120)
+        victim.start()
+        try:
+            wait_for(lambda: len(a.qemu_pids()) + len(b.qemu_pids()) == 1
+                     and "running" in (state_of(a, "kl"), state_of(b, "kl")), 90,
+                     "the guest to run in exactly one place")
+            where = in_one_place(a, b, "kl")
+        except AssertionError as exc:
+            for d, label in ((a, "a"), (b, "b")):
+                kept = Path(f"/tmp/qvirtd-kill-loop-{label}.log")
+                kept.write_text(d.log.read_text(errors="replace"))
+            who = "source" if victim is src else "destination"
+            raise AssertionError(f"seed {seed}, round {i} ({who} killed): {exc}; "
+                                 f"migrate said {err!r}; pids a {a.qemu_pids()} b "
+                                 f"{b.qemu_pids()}; the daemons' logs are in "
+                                 "/tmp/qvirtd-kill-loop-{a,b}.log") from None
+        moved = (where == "b") == (src is a)
+        key = f"{'source' if victim is src else 'destination'} killed, " \
+              f"{'moved' if moved else 'stayed'}"
+        counts[key] = counts.get(key, 0) + 1
+    print(f"migration kill loop (seed {seed}): {json.dumps(counts, sort_keys=True)}")
+    for d in (a, b):
+        for dom in d.json("list"):
+            d.qvirsh("destroy", dom["name"])
