@@ -176,6 +176,12 @@ def _vol_line(p: dict[str, Any]) -> str:
 
 
 def _migrate_line(p: dict[str, Any]) -> str:
+    if p.get("disk_total_bytes"):  # --copy-storage, before the RAM stream
+        done, total = int(p.get("disk_transferred_bytes") or 0), int(p["disk_total_bytes"])
+        pct = 100.0 * done / total
+        bar = "#" * int(30 * pct / 100) + "-" * (30 - int(30 * pct / 100))
+        return (f"{p.get('name', '?')}: [{bar}] {pct:5.1f}% copying disks, {done >> 20} of "
+                f"{total >> 20} MiB")
     total = p.get("ram_total_bytes") or 0
     done = p.get("ram_transferred_bytes") or 0
     left = p.get("ram_remaining_bytes")

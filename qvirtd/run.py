@@ -44,6 +44,7 @@ CONSOLE_SOCKET = "console.sock"
 CONSOLE_LOG = "console.log"
 AGENT_SOCKET = "agent.sock"
 MIGRATE_SOCKET = "migrate.sock"   # an incoming migration's stream (QEMU listens on it)
+NBD_SOCKET = "nbd.sock"           # its disks' NBD server, with --copy-storage
 
 # One run's QMP events on their way to its pump: (name, data, QEMU's timestamp).
 QmpQueue = asyncio.Queue[tuple[str, dict[str, Any], float | None]]

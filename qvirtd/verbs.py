@@ -206,6 +206,7 @@ class MigratePrepareParams(Params):
     paused: bool = False
     persistent: bool = False
     definition: dict[str, Any] | None = None
+    disks: dict[str, dict[str, Any]] | None = None
 
 
 class MigrateFinishParams(NameParams):
@@ -454,7 +455,7 @@ def _migrated(r: dict[str, Any]) -> str:
       Arg("undefine_source", "--undefine-source", ArgKind.FLAG,
           help="undefine it here once it runs there"),
       Arg("copy_storage", "--copy-storage", ArgKind.FLAG,
-          help="copy its disks while it runs (not built yet)"),
+          help="copy its disks while it runs (the destination may keep them elsewhere)"),
       Arg("max_downtime", "--max-downtime", ArgKind.INT, metavar="MS",
           help="the longest pause QEMU may take to switch over"),
       Arg("bandwidth", "--bandwidth", ArgKind.NUMBER, metavar="MIB_S",
@@ -480,7 +481,7 @@ async def _migrate_prepare(s: Services, p: MigratePrepareParams, c: Connection) 
                 callback()
         c.start_task(watch(), "migrate-prepare-watch")
     return await s.migration.prepare(p.header, p.token, p.paused, p.persistent, p.definition,
-                                     c.caller.owner("migrate-prepare"), on_close)
+                                     c.caller.owner("migrate-prepare"), on_close, p.disks)
 
 
 @verb("migrate-finish", "(daemon to daemon) resume or drop an incoming migration",

@@ -34,6 +34,7 @@ import logging
 import secrets
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
@@ -54,7 +55,7 @@ from ..peer import Peer, PeerError, PeerRefusedError
 from ..run import Run
 from ..savefile import SaveHeader
 from ..status import JobRecord
-from . import qemu_migration
+from . import qemu_migration, storage_copy
 from .context import Context
 from .runtime import Incoming, IncomingMigration, Runtime
 from .saves import domain_for
@@ -90,9 +91,6 @@ class Migration:
                       progress: Progress | None = None,
                       copy_storage: bool = False) -> dict[str, Any]:
         ctx = self.ctx
-        if copy_storage:
-            raise InvalidOperationError("--copy-storage is not built yet: migrate a domain "
-                                        "whose disks both daemons reach at the same paths")
         dom = await ctx.lookup(ident)
         async with ctx.async_job(dom, AsyncJobKind.MIGRATION_OUT, owner) as job:
             async with dom.lock:  # L3
@@ -114,10 +112,18 @@ class Migration:
             await ctx.status_barrier(run)
             header.files = savefile.encode_files(
                 await asyncio.to_thread(run_files, run.run_dir, run.definition))
-            log.info("domain %s: migration to %s asked by %s", dom.name, dest, owner)
+            log.info("domain %s: migration to %s asked by %s%s", dom.name, dest, owner,
+                     " (with its disks)" if copy_storage else "")
             started = time.monotonic()
             peer: Peer | None = None
+            disks: dict[str, dict[str, Any]] | None = None
             try:
+                if copy_storage:
+                    disks = await storage_copy.describe(ctx, dom, run)
+                    async with dom.lock:  # L3: the undo (here or after a restart) cleans up
+                        ctx.ensure_current(dom, run, "migrate")
+                        job.data["mirror"] = list(disks)
+                        ctx.save_status(dom, run)
                 async with ctx.remote(dom, run, "migrate (connect)"):
                     peer = await job.abortable(Peer.connect(dest, ctx.settings.peer_timeout_s))
                 await self.runtime.enter_phase(dom, run, job, "prepare")
@@ -127,13 +133,16 @@ class Migration:
                         "paused": not was_running,
                         "persistent": persistent and source_persistent is not None,
                         "definition": (source_persistent.model_dump(mode="json")
-                                       if persistent and source_persistent else None)}))
+                                       if persistent and source_persistent else None),
+                        "disks": disks}))
                 await self.runtime.enter_phase(dom, run, job, "perform")
-                final = await self._perform(dom, run, job, peer, str(prepared["uri"]),
+                final = await self._perform(dom, run, job, peer, prepared,
                                             max_downtime_ms, bandwidth_mib_s, progress)
+                if disks:
+                    await storage_copy.clean_up(ctx, dom, run, list(disks))
             except BaseException as exc:
                 await asyncio.shield(self._undo(dom, run, peer, token, was_running,
-                                                f"{exc}"))
+                                                f"{exc}", list(disks or ())))
                 if peer is not None:
                     await peer.close()
                 raise
@@ -164,10 +173,16 @@ class Migration:
                  final.get("downtime_ms"))
         return {"name": dom.name, "dest": dest, "elapsed_s": round(took, 3), **final}
 
-    async def _perform(self, dom: Domain, run: Run, job: AsyncJob, peer: Peer, uri: str,
-                       max_downtime_ms: int | None, bandwidth_mib_s: float | None,
+    async def _perform(self, dom: Domain, run: Run, job: AsyncJob, peer: Peer,
+                       prepared: dict[str, Any], max_downtime_ms: int | None,
+                       bandwidth_mib_s: float | None,
                        progress: Progress | None) -> dict[str, Any]:
         ctx = self.ctx
+        uri = str(prepared["uri"])
+        exports = [str(e) for e in prepared.get("exports") or ()]
+        if exports:  # --copy-storage: the disks first, mirrored until the switch-over
+            await storage_copy.mirror(ctx, dom, run, job, str(prepared["nbd"]), exports,
+                                      progress)
         await qemu_migration.set_capabilities(
             ctx, dom, run, {"events": True, "pause-before-switchover": True}, "migrate")
         params: dict[str, Any] = {"max-bandwidth": qemu_migration.UNLIMITED_BYTES_S
@@ -181,6 +196,8 @@ class Migration:
         last_ping = time.monotonic()
 
         async def switchover() -> None:
+            if exports:  # the guest is paused: the mirrors converge and end
+                await storage_copy.complete(ctx, dom, run, exports)
             await ctx.qmp(dom, run, "migrate-continue", {"state": "pre-switchover"},
                           what="migrate")
 
@@ -331,7 +348,7 @@ class Migration:
                 return
 
     async def _undo(self, dom: Domain, run: Run, peer: Peer | None, token: str,
-                    was_running: bool, why: str) -> None:
+                    was_running: bool, why: str, mirrored: list[str] | None = None) -> None:
         """The migration failed before `finish`: the destination never resumed the guest.
         Stop the stream, tell the destination to drop its QEMU (best effort: it drops it
         anyway when this connection ends), resume the guest here if it ran."""
@@ -341,6 +358,8 @@ class Migration:
             current = dom.run is run and run.monitor is not None
         cancelled = (await qemu_migration.cancel(ctx, dom, run, "migrate (undo)")
                      if current else True)
+        if current and mirrored:
+            await storage_copy.clean_up(ctx, dom, run, mirrored)
         if peer is not None:
             try:
                 async with asyncio.timeout(ctx.settings.peer_timeout_s):
@@ -384,7 +403,8 @@ class Migration:
             peer = await Peer.connect(dest, self.ctx.settings.peer_timeout_s)
         try:
             await self._undo(dom, run, peer, token, was_running,
-                             f"the daemon stopped during its phase '{record.phase}'")
+                             f"the daemon stopped during its phase '{record.phase}'",
+                             [str(d) for d in data.get("mirror") or ()])
         finally:
             if peer is not None:
                 await peer.close()
@@ -394,7 +414,8 @@ class Migration:
 
     async def prepare(self, raw_header: dict[str, Any], token: str, paused: bool,
                       persistent: bool, definition: dict[str, Any] | None, owner: str,
-                      on_close: Callable[[Callable[[], None]], None]) -> dict[str, Any]:
+                      on_close: Callable[[Callable[[], None]], None],
+                      disks: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
         """`migrate-prepare`: start a QEMU that waits for the guest; answer its URI once it
         listens. The START job goes on in a task until the source's finish (or abort, or
         its connection ends before the guest is loaded: `on_close` registers that)."""
@@ -407,14 +428,30 @@ class Migration:
         if token in self._incoming:
             raise InvalidOperationError(f"migration {token} is already being prepared")
         dom, created = await domain_for(ctx, header)
+        images: list[Path] = []
+        if disks:  # --copy-storage: each disk at its path here, created if missing
+            async with dom.lock:  # L3
+                local = dom.persistent_def
+            try:
+                header.definition, images = await storage_copy.place_disks(
+                    header.definition, local, disks)
+            except BaseException:
+                if created:
+                    await ctx.remove_if_unused(dom)
+                raise
         loop = asyncio.get_running_loop()
-        migration = IncomingMigration(token, owner, loop.create_future(), loop.create_future())
+        migration = IncomingMigration(token, owner, loop.create_future(), loop.create_future(),
+                                      [d for d in storage_copy.writable_disks(
+                                          header.definition) if d in (disks or {})])
 
         async def receive() -> None:
             try:
                 async with ctx.async_job(dom, AsyncJobKind.START, owner) as job:
                     await self.runtime.launch(dom, job, paused,
                                               Incoming(header, migration=migration))
+            except BaseException:
+                await storage_copy.remove_images(images)
+                raise
             finally:
                 self._incoming.pop(token, None)
                 if created:
@@ -442,12 +479,18 @@ class Migration:
             task.result()  # the start failed: its error
             raise QvirtError(f"domain '{dom.name}': the incoming start ended early")
         if persistent and definition is not None:
-            await self._define(dom, definition, owner)
+            await self._define(dom, definition, owner,
+                               {d.id: d.path for d in header.definition.disks} if disks else {})
         log.info("domain %s: incoming migration %s prepared for %s", dom.name, token, owner)
-        return {"name": dom.name, "uri": migration.listening.result()}
+        return {"name": dom.name, **migration.listening.result()}
 
-    async def _define(self, dom: Domain, raw: dict[str, Any], owner: str) -> None:
-        """--persistent: the source's persistent definition becomes this domain's."""
+    async def _define(self, dom: Domain, raw: dict[str, Any], owner: str,
+                      paths: dict[str, str]) -> None:
+        """--persistent: the source's persistent definition becomes this domain's (with the
+        copied disks at their paths here, `paths`)."""
+        raw = dict(raw)
+        raw["disks"] = [{**d, "path": paths.get(d.get("id"), d.get("path"))}
+                        for d in raw.get("disks", [])]
         try:
             definition = DomainDef.model_validate(raw)
         except ValidationError as exc:

@@ -20,7 +20,7 @@ import logging
 import os
 import socket
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -51,7 +51,15 @@ from ..qemu.process import (
     uuid_needle,
 )
 from ..qemu.unixpath import SUN_PATH_MAX, short_path
-from ..run import CONSOLE_LOG, MIGRATE_SOCKET, FollowUp, FollowUpKind, QmpQueue, Run
+from ..run import (
+    CONSOLE_LOG,
+    MIGRATE_SOCKET,
+    NBD_SOCKET,
+    FollowUp,
+    FollowUpKind,
+    QmpQueue,
+    Run,
+)
 from ..savefile import SaveHeader
 from ..status import status_path
 from . import qemu_migration, qmp_events
@@ -121,8 +129,11 @@ class IncomingMigration:
 
     token: str                       # names this migration in both daemons' status files
     source: str                      # who asked (for logs)
-    listening: asyncio.Future[str]   # QEMU's listen URI, once migrate-incoming is issued
+    # Where QEMU listens, once migrate-incoming is issued: {"uri"} and, with `exports`,
+    # {"nbd": the NBD server's socket, "exports": [disk ids]}.
+    listening: asyncio.Future[dict[str, Any]]
     go: asyncio.Future[str]          # the source's word: "resume", "abort", or "lost"
+    exports: list[str] = field(default_factory=list)  # disks the source copies (NBD)
 
 
 @dataclass
@@ -393,8 +404,19 @@ class Runtime:
         uri = f"unix:{path}"
         await qemu_migration.set_capabilities(ctx, dom, run, {"events": True}, "migration")
         await ctx.qmp(dom, run, "migrate-incoming", {"uri": uri}, what="migration")
+        where: dict[str, Any] = {"uri": uri}
+        if migration.exports:  # --copy-storage: the source mirrors the disks into these
+            nbd = run.run_dir / NBD_SOCKET
+            await ctx.qmp(dom, run, "nbd-server-start",
+                          {"addr": {"type": "unix", "data": {"path": str(nbd)}}},
+                          what="migration (storage)")
+            for disk in migration.exports:
+                await ctx.qmp(dom, run, "block-export-add",
+                              {"type": "nbd", "id": f"mig-{disk}", "node-name": f"fmt-{disk}",
+                               "writable": True, "name": disk}, what="migration (storage)")
+            where.update(nbd=str(nbd), exports=list(migration.exports))
         if not migration.listening.done():
-            migration.listening.set_result(uri)
+            migration.listening.set_result(where)
         done = asyncio.ensure_future(
             qemu_migration.wait_done(ctx, dom, run, job, "incoming migration", outgoing=False))
         try:
@@ -426,6 +448,11 @@ class Runtime:
             ctx.set_state(dom, DomainState.PAUSED, Reason.MIGRATING)
         word = await job.abortable(asyncio.shield(migration.go))
         if word == "resume":
+            if migration.exports:  # the disks are whole here: no more writes from outside
+                try:
+                    await ctx.qmp(dom, run, "nbd-server-stop", what="migration (storage)")
+                except QvirtError as exc:
+                    log.warning("domain %s: nbd-server-stop: %s", dom.name, exc)
             return True
         if word == "abort":
             raise qemu_migration.MigrationFailedError(
@@ -602,7 +629,8 @@ class Runtime:
             removals = [ctx.writer.remove(path, durable=False) for path in (
                 status_path(run.run_dir), run.monitor_socket, run.console_socket,
                 paths.pidfile, paths.vnc_socket, run.agent_socket,
-                run.run_dir / SEED_FILE, run.run_dir / MIGRATE_SOCKET)]
+                run.run_dir / SEED_FILE, run.run_dir / MIGRATE_SOCKET,
+                run.run_dir / NBD_SOCKET)]
         await run.close()
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(TEARDOWN_FILES_S):

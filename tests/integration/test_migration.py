@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from harness import Daemon, guest_definition, tiny_definition, wait_for
+from harness import Daemon, Terminal, guest_definition, tiny_definition, wait_for
 from test_save_restore import READY, TICK, assert_continues, last_tick, start_counter, ticks
 
 
@@ -224,3 +224,56 @@ def test_kill_loop_either_daemon_at_random_points(daemon_factory: Any) -> None:
     for d in (a, b):
         for dom in d.json("list"):
             d.qvirsh("destroy", dom["name"])
+
+
+def guest_shell(daemon: Daemon, name: str, command: str, expect: bytes) -> bytes:
+    """Type `command` into the guest's shell; what it printed up to `expect`."""
+    term = Terminal(daemon, "console", name)
+    try:
+        term.read_until(b"Escape character")
+        term.type(b"\r")
+        term.read_until(b"guest# ", timeout_s=60)
+        start = len(term.seen)
+        term.type(command.encode() + b"\r")
+        seen = term.read_until(expect + b"\r\n")
+        term.type(b"\x1d")
+        term.close()
+        return seen[start:]
+    finally:
+        if term.proc.poll() is None:
+            term.proc.kill()
+
+
+def test_copy_storage_to_a_daemon_with_other_disk_paths(daemon_factory: Any, guest: Any,
+                                                         tmp_path: Path) -> None:
+    a, b = daemon_factory(), daemon_factory()
+    here, there = tmp_path / "a", tmp_path / "b"
+    here.mkdir()
+    there.mkdir()
+    subprocess.run(["qemu-img", "create", "-q", "-f", "raw", str(here / "data.img"), "32M"],
+                   check=True)
+    definition = guest_definition(guest, "cs", disks=[
+        {"id": "data", "path": str(here / "data.img"), "format": "raw"}])
+    a.define(definition)
+    uuid = a.json("dominfo", "cs")["uuid"]
+    # Defined on the destination too, with its own disk path (not there yet: created).
+    b.define({**definition, "uuid": uuid,
+              "disks": [{"id": "data", "path": str(there / "data.img"), "format": "raw"}]})
+    a.qvirsh("start", "cs")
+    a.wait_console("cs", READY, timeout_s=60)
+    wait_for(lambda: "QVIRTD-GUEST: block add vda" in a.console("cs"), 30, "the disk")
+    guest_shell(a, "cs", "echo COPIED-$((6*7)) | dd of=/dev/vda bs=512 seek=8 conv=fsync "
+                "2>/dev/null; echo WROTE-IT", b"WROTE-IT")
+    out = a.json("migrate", "cs", dest(b), "--copy-storage")
+    assert out["status"] == "completed"
+    assert in_one_place(a, b, "cs") == "b"
+    assert b.json("domblklist", "cs")["devices"][0]["source"] == str(there / "data.img")
+    said = guest_shell(b, "cs", "dd if=/dev/vda bs=512 skip=8 count=1 2>/dev/null | "
+                       "head -c 9; echo ' READ-BACK'", b"READ-BACK")
+    assert b"COPIED-42 READ-BACK" in said, said
+    assert (there / "data.img").read_bytes()[4096:4105] == b"COPIED-42"
+    # And home again, disks included: the data is in A's file too.
+    b.qvirsh("migrate", "cs", dest(a), "--copy-storage")
+    assert in_one_place(a, b, "cs") == "a"
+    assert (here / "data.img").read_bytes()[4096:4105] == b"COPIED-42"
+    a.qvirsh("destroy", "cs")

@@ -34,7 +34,7 @@ def start_counter(daemon: Daemon, name: str) -> None:
     try:
         term.read_until(b"Escape character")
         term.type(b"\r")
-        term.read_until(b"guest# ")
+        term.read_until(b"guest# ", timeout_s=60)
         term.type(b"i=0; while :; do echo TICK $i; i=$((i+1)); sleep 0.2; done &\r")
         term.read_until(b"TICK 1\r\n")
         term.type(b"\x1d")
