@@ -42,6 +42,8 @@ class Settings(BaseModel):
     agent_timeout_s: Annotated[float, Field(gt=0, le=3600)] = 10.0
     migration_stall_timeout_s: Annotated[float, Field(gt=0, le=3600)] = 60.0
     peer_timeout_s: Annotated[float, Field(gt=0, le=3600)] = 30.0
+    listen_tls: str = ""
+    tls_dir: str = "/etc/pki/qvirtd"
     save_max_bandwidth_mib_s: Annotated[float, Field(ge=0, le=1024 * 1024)] = 0.0
     on_host_shutdown: Literal["nothing", "shutdown", "managedsave"] = "shutdown"
     host_shutdown_timeout_s: Annotated[float, Field(gt=0, le=86400)] = 300.0

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from .config import ConfigError, Layout, Settings
 from .domain import Domain
+from .errors import QvirtError
 from .locks import LockWatch
 from .loopwatch import LoopWatch
 from .model import Reason
@@ -36,6 +37,7 @@ from .qemu.unixpath import short_path
 from .rpc.methods import build_methods, upgrade_methods
 from .rpc.server import RpcServer
 from .systemd import listen_fds, sd_notify, watchdog_interval
+from .tls import server_context, split_hostport
 from .verbs import Services
 
 log = logging.getLogger(__name__)
@@ -113,6 +115,17 @@ class Daemon:
                               f"{exc.strerror or exc}") from exc
         self.ctx.store.prepare()
 
+    async def _listen_tls(self) -> None:
+        """`listen_tls`: serve peer daemons on TCP with mutual TLS (tls.py)."""
+        try:
+            host, port = split_hostport(self.settings.listen_tls, "listen_tls")
+            context = await asyncio.to_thread(server_context, Path(self.settings.tls_dir))
+            await self.server.start_tls(host, port, context)
+        except (QvirtError, OSError) as exc:
+            raise ConfigError(f"listen_tls: cannot listen on {self.settings.listen_tls}: "
+                              f"{exc}") from exc
+        log.info("qvirtd listening for peer daemons on %s (TLS)", self.settings.listen_tls)
+
     def _managed_saves(self) -> list[Path]:
         """Blocking: the managed save images in the state directory."""
         try:
@@ -161,6 +174,8 @@ class Daemon:
         else:
             sock = bind_socket(str(self.layout.socket_path), self.settings.socket_mode)
         await self.server.start(sock)
+        if self.settings.listen_tls:
+            await self._listen_tls()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)

@@ -51,9 +51,12 @@ class Caller:
 
     pid: int | None
     uid: int | None
+    peer: str | None = None  # a TLS client: its certificate's subject CN
 
     def owner(self, method: str) -> str:
         """Who asked, as jobs, errors and logs name it: "start (client pid 42 uid 0)"."""
+        if self.peer is not None:
+            return f"{method} (tls peer {self.peer})"
         return f"{method} (client pid {self.pid} uid {self.uid})" if self.pid else method
 
 
@@ -207,6 +210,7 @@ class MigratePrepareParams(Params):
     persistent: bool = False
     definition: dict[str, Any] | None = None
     disks: dict[str, dict[str, Any]] | None = None
+    transport: Literal["unix", "tls"] = "unix"
 
 
 class MigrateFinishParams(NameParams):
@@ -447,9 +451,10 @@ def _migrated(r: dict[str, Any]) -> str:
             f"{extra}")
 
 
-@verb("migrate", "live-migrate the domain to another qvirtd (unix:///PATH/qvirtd.sock)",
+@verb("migrate", "live-migrate the domain to another qvirtd (unix:// or tls://)",
       MigrateParams, name_arg(),
-      Arg("dest", metavar="DEST", help="the destination daemon: unix:///PATH/qvirtd.sock"),
+      Arg("dest", metavar="DEST",
+          help="the destination daemon: unix:///PATH/qvirtd.sock or tls://HOST:PORT"),
       Arg("persistent", "--persistent", ArgKind.FLAG,
           help="define it on the destination too (its persistent definition)"),
       Arg("undefine_source", "--undefine-source", ArgKind.FLAG,
@@ -481,7 +486,8 @@ async def _migrate_prepare(s: Services, p: MigratePrepareParams, c: Connection) 
                 callback()
         c.start_task(watch(), "migrate-prepare-watch")
     return await s.migration.prepare(p.header, p.token, p.paused, p.persistent, p.definition,
-                                     c.caller.owner("migrate-prepare"), on_close, p.disks)
+                                     c.caller.owner("migrate-prepare"), on_close, p.disks,
+                                     p.transport == "tls")
 
 
 @verb("migrate-finish", "(daemon to daemon) resume or drop an incoming migration",

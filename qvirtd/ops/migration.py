@@ -51,7 +51,7 @@ from ..errors import (
 )
 from ..job import AsyncJob, AsyncJobKind
 from ..model import DomainDef, DomainState, Reason
-from ..peer import Peer, PeerError, PeerRefusedError
+from ..peer import Peer, PeerError, PeerRefusedError, parse_uri
 from ..run import Run
 from ..savefile import SaveHeader
 from ..status import JobRecord
@@ -91,6 +91,9 @@ class Migration:
                       progress: Progress | None = None,
                       copy_storage: bool = False) -> dict[str, Any]:
         ctx = self.ctx
+        if copy_storage and not isinstance(parse_uri(dest), Path):
+            raise InvalidOperationError("--copy-storage over tls:// is not built yet: its "
+                                        "NBD stream would need TLS as well")
         dom = await ctx.lookup(ident)
         async with ctx.async_job(dom, AsyncJobKind.MIGRATION_OUT, owner) as job:
             async with dom.lock:  # L3
@@ -125,7 +128,8 @@ class Migration:
                         job.data["mirror"] = list(disks)
                         ctx.save_status(dom, run)
                 async with ctx.remote(dom, run, "migrate (connect)"):
-                    peer = await job.abortable(Peer.connect(dest, ctx.settings.peer_timeout_s))
+                    peer = await job.abortable(Peer.connect(
+                        dest, ctx.settings.peer_timeout_s, Path(ctx.settings.tls_dir)))
                 await self.runtime.enter_phase(dom, run, job, "prepare")
                 async with ctx.remote(dom, run, "migrate (prepare)"):
                     prepared = await job.abortable(peer.call("migrate-prepare", {
@@ -134,12 +138,15 @@ class Migration:
                         "persistent": persistent and source_persistent is not None,
                         "definition": (source_persistent.model_dump(mode="json")
                                        if persistent and source_persistent else None),
-                        "disks": disks}))
+                        "disks": disks,
+                        "transport": "tls" if peer.tls_host else "unix"}))
                 await self.runtime.enter_phase(dom, run, job, "perform")
                 final = await self._perform(dom, run, job, peer, prepared,
                                             max_downtime_ms, bandwidth_mib_s, progress)
                 if disks:
                     await storage_copy.clean_up(ctx, dom, run, list(disks))
+                if peer.tls_host is not None:
+                    await qemu_migration.drop_tls(ctx, dom, run)
             except BaseException as exc:
                 await asyncio.shield(self._undo(dom, run, peer, token, was_running,
                                                 f"{exc}", list(disks or ())))
@@ -179,6 +186,9 @@ class Migration:
                        progress: Progress | None) -> dict[str, Any]:
         ctx = self.ctx
         uri = str(prepared["uri"])
+        if peer.tls_host is not None:  # QEMU to QEMU over TCP, with the daemons' certificates
+            await qemu_migration.use_tls(ctx, dom, run, "client", peer.tls_host)
+            uri = f"tcp:{peer.tls_host}:{int(prepared['port'])}"
         exports = [str(e) for e in prepared.get("exports") or ()]
         if exports:  # --copy-storage: the disks first, mirrored until the switch-over
             await storage_copy.mirror(ctx, dom, run, job, str(prepared["nbd"]), exports,
@@ -225,7 +235,8 @@ class Migration:
         try:
             if peer is None:
                 async with ctx.remote(dom, run, "migrate (connect)"):
-                    peer = await Peer.connect(dest, ctx.settings.peer_timeout_s)
+                    peer = await Peer.connect(dest, ctx.settings.peer_timeout_s,
+                                              Path(ctx.settings.tls_dir))
             async with ctx.remote(dom, run, "migrate (finish)"):
                 await peer.call("migrate-finish", {"name": dom.uuid, "token": token,
                                                    "action": "resume",
@@ -360,6 +371,8 @@ class Migration:
                      if current else True)
         if current and mirrored:
             await storage_copy.clean_up(ctx, dom, run, mirrored)
+        if current:
+            await qemu_migration.drop_tls(ctx, dom, run)
         if peer is not None:
             try:
                 async with asyncio.timeout(ctx.settings.peer_timeout_s):
@@ -400,7 +413,8 @@ class Migration:
             return True
         peer = None
         with contextlib.suppress(QvirtError):
-            peer = await Peer.connect(dest, self.ctx.settings.peer_timeout_s)
+            peer = await Peer.connect(dest, self.ctx.settings.peer_timeout_s,
+                                        Path(self.ctx.settings.tls_dir))
         try:
             await self._undo(dom, run, peer, token, was_running,
                              f"the daemon stopped during its phase '{record.phase}'",
@@ -415,7 +429,8 @@ class Migration:
     async def prepare(self, raw_header: dict[str, Any], token: str, paused: bool,
                       persistent: bool, definition: dict[str, Any] | None, owner: str,
                       on_close: Callable[[Callable[[], None]], None],
-                      disks: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+                      disks: dict[str, dict[str, Any]] | None = None,
+                      tls: bool = False) -> dict[str, Any]:
         """`migrate-prepare`: start a QEMU that waits for the guest; answer its URI once it
         listens. The START job goes on in a task until the source's finish (or abort, or
         its connection ends before the guest is loaded: `on_close` registers that)."""
@@ -427,6 +442,10 @@ class Migration:
                                         f"{describe_validation_error(exc)}") from None
         if token in self._incoming:
             raise InvalidOperationError(f"migration {token} is already being prepared")
+        if tls and disks:
+            raise InvalidOperationError("--copy-storage over tls:// is not built yet")
+        if tls and not ctx.settings.listen_tls:
+            raise InvalidOperationError("this daemon does not listen on TLS (listen_tls)")
         dom, created = await domain_for(ctx, header)
         images: list[Path] = []
         if disks:  # --copy-storage: each disk at its path here, created if missing
@@ -442,7 +461,7 @@ class Migration:
         loop = asyncio.get_running_loop()
         migration = IncomingMigration(token, owner, loop.create_future(), loop.create_future(),
                                       [d for d in storage_copy.writable_disks(
-                                          header.definition) if d in (disks or {})])
+                                          header.definition) if d in (disks or {})], tls)
 
         async def receive() -> None:
             try:

@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from pathlib import Path
 from typing import Any
 
 from ..domain import Domain
@@ -21,6 +22,7 @@ from ..errors import DomainGoneError, MonitorClosedError, QvirtError
 from ..job import AsyncJob
 from ..model import DomainState, Reason
 from ..run import Run
+from ..tls import qemu_creds
 from .context import Context
 
 log = logging.getLogger(__name__)
@@ -121,6 +123,37 @@ async def wait_done(ctx: Context, dom: Domain, run: Run, job: AsyncJob, what: st
                         f"moved for {stall_s:g} s (status {status})")
             with contextlib.suppress(TimeoutError):
                 await job.abortable(listener.get(POLL_S))
+
+
+TLS_OBJECT = "mig-tls"
+
+
+async def use_tls(ctx: Context, dom: Domain, run: Run, endpoint: str,
+                  hostname: str | None) -> None:
+    """The stream over TLS with the daemons' certificates (`tls_dir`): QEMU's x509
+    credentials object, named in the migration parameters. `drop_tls` removes both."""
+    await ctx.qmp(dom, run, "object-add",
+                  qemu_creds(TLS_OBJECT, Path(ctx.settings.tls_dir), endpoint),
+                  what="migration (tls)")
+    params: dict[str, Any] = {"tls-creds": TLS_OBJECT}
+    if hostname is not None:
+        params["tls-hostname"] = hostname
+    await ctx.qmp(dom, run, "migrate-set-parameters", params, what="migration (tls)")
+
+
+async def drop_tls(ctx: Context, dom: Domain, run: Run) -> None:
+    """Nothing of the migration's TLS stays in QEMU (errors logged: an undo)."""
+    try:
+        objects = await ctx.qmp(dom, run, "qom-list", {"path": "/objects"},
+                                what="migration (tls)")
+        if not any(o.get("name") == TLS_OBJECT for o in objects):
+            return
+        await ctx.qmp(dom, run, "migrate-set-parameters", {"tls-creds": "",
+                                                           "tls-hostname": ""},
+                      what="migration (tls)")
+        await ctx.qmp(dom, run, "object-del", {"id": TLS_OBJECT}, what="migration (tls)")
+    except QvirtError as exc:
+        log.warning("domain %s: removing the migration's TLS credentials: %s", dom.name, exc)
 
 
 async def resume_guest(ctx: Context, dom: Domain, run: Run, what: str, reason: Reason,

@@ -62,6 +62,7 @@ from ..run import (
 )
 from ..savefile import SaveHeader
 from ..status import status_path
+from ..tls import split_hostport
 from . import qemu_migration, qmp_events
 from .context import Context
 from .devices import finish_detach
@@ -134,6 +135,7 @@ class IncomingMigration:
     listening: asyncio.Future[dict[str, Any]]
     go: asyncio.Future[str]          # the source's word: "resume", "abort", or "lost"
     exports: list[str] = field(default_factory=list)  # disks the source copies (NBD)
+    tls: bool = False                # QEMU listens on TCP with TLS (listen_tls's host)
 
 
 @dataclass
@@ -403,8 +405,20 @@ class Runtime:
                                         "UNIX socket path may be: use a shorter --root")
         uri = f"unix:{path}"
         await qemu_migration.set_capabilities(ctx, dom, run, {"events": True}, "migration")
+        if migration.tls:  # another host: TCP on the TLS listener's address, QEMU's TLS
+            host, _ = split_hostport(ctx.settings.listen_tls, "listen_tls")
+            await qemu_migration.use_tls(ctx, dom, run, "server", None)
+            uri = f"tcp:{host}:0"  # QEMU picks the port; query-migrate says which
         await ctx.qmp(dom, run, "migrate-incoming", {"uri": uri}, what="migration")
         where: dict[str, Any] = {"uri": uri}
+        if migration.tls:
+            info = await ctx.qmp(dom, run, "query-migrate", what="migration")
+            addresses = [a for a in info.get("socket-address", ()) if a.get("type") == "inet"]
+            if not addresses:
+                raise qemu_migration.MigrationFailedError(
+                    f"domain '{dom.name}': QEMU does not say which port it listens on")
+            where.update(uri=f"tcp:{host}:{addresses[0]['port']}",
+                         port=int(addresses[0]["port"]), tls=True)
         if migration.exports:  # --copy-storage: the source mirrors the disks into these
             nbd = run.run_dir / NBD_SOCKET
             await ctx.qmp(dom, run, "nbd-server-start",
@@ -447,6 +461,8 @@ class Runtime:
             ctx.ensure_current(dom, run, "migration")
             ctx.set_state(dom, DomainState.PAUSED, Reason.MIGRATING)
         word = await job.abortable(asyncio.shield(migration.go))
+        if migration.tls:
+            await qemu_migration.drop_tls(ctx, dom, run)
         if word == "resume":
             if migration.exports:  # the disks are whole here: no more writes from outside
                 try:

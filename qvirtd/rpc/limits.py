@@ -7,7 +7,7 @@ from collections.abc import Iterable
 # Params passed on as they are (a definition, a device, a raw QMP command) may nest objects
 # and lists at most this deep. Deeper input is refused before anything walks it recursively.
 MAX_JSON_DEPTH = 64
-FREE_FORM_PARAMS = ("definition", "device", "command")
+FREE_FORM_PARAMS = ("definition", "device", "command", "header", "disks")
 
 
 def nested_deeper_than(value: object, limit: int = MAX_JSON_DEPTH) -> bool:

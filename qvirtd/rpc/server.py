@@ -40,6 +40,7 @@ import json
 import logging
 import resource
 import socket
+import ssl
 import struct
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Protocol
@@ -48,6 +49,7 @@ from pydantic import ValidationError
 
 from ..config import Settings
 from ..errors import QvirtError, describe_validation_error
+from ..tls import HANDSHAKE_S, PEER_METHODS, peer_name
 from .limits import FREE_FORM_PARAMS, MAX_JSON_DEPTH, nested_deeper_than
 from .methods import Caller, Method, Params
 from .outbound import Outbound
@@ -141,6 +143,11 @@ class Connection:
         self.reader = reader
         self.writer = writer
         self.caller = peer_credentials(writer)
+        # A TLS client (a peer daemon): who its certificate names, and what it may call.
+        self.allowed: frozenset[str] | None = None
+        if writer.get_extra_info("sslcontext") is not None:
+            self.caller = Caller(None, None, peer_name(writer.get_extra_info("peercert")))
+            self.allowed = PEER_METHODS
         self.running = 0  # requests whose handler has not returned yet
         self.closed = False
         self.outbound = Outbound(writer, server.outbound_max_bytes, server.write_timeout_s,
@@ -434,6 +441,7 @@ class RpcServer:
         self.connections: set[Connection] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._server: asyncio.AbstractServer | None = None
+        self._tls_server: asyncio.AbstractServer | None = None
         self._sweep_handle: asyncio.TimerHandle | None = None
         # Methods that need the connection itself (event subscription) register here.
         self.connection_methods = dict(connection_methods or {})
@@ -457,6 +465,12 @@ class RpcServer:
         self._server = await asyncio.start_unix_server(
             self._on_client, sock=sock, limit=self.max_message_bytes)
         self._arm_sweep()
+
+    async def start_tls(self, host: str, port: int, context: ssl.SSLContext) -> None:
+        """Also serve peer daemons on TCP with mutual TLS (tls.py: what they may call)."""
+        self._tls_server = await asyncio.start_server(
+            self._on_client, host, port, ssl=context, limit=self.max_message_bytes,
+            ssl_handshake_timeout=HANDSHAKE_S)
 
     async def _on_client(self, reader: asyncio.StreamReader,
                          writer: asyncio.StreamWriter) -> None:
@@ -534,6 +548,10 @@ class RpcServer:
         conn_method = self.connection_methods.get(name)
         if method is None and conn_method is None:
             return error_reply(req_id, METHOD_NOT_FOUND, f"unknown method '{name}'")
+        if conn.allowed is not None and name not in conn.allowed:
+            return error_reply(req_id, METHOD_NOT_FOUND,
+                               f"method '{name}' is not available over TLS (peer daemons "
+                               f"may call {', '.join(sorted(conn.allowed))})")
         raw_params = msg.get("params", {})
         if raw_params is None:
             raw_params = {}
@@ -571,8 +589,9 @@ class RpcServer:
         """Stop accepting; give in-flight requests `grace_s` to finish; close connections."""
         if self._sweep_handle is not None:
             self._sweep_handle.cancel()
-        if self._server is not None:
-            self._server.close()
+        for srv in (self._server, self._tls_server):
+            if srv is not None:
+                srv.close()
         pending = [t for t in self._tasks if not t.done()]
         if pending:
             await asyncio.wait(pending, timeout=grace_s)

@@ -10,6 +10,8 @@ import json
 import os
 import random
 import signal
+import socket
+import ssl
 import subprocess
 import time
 from pathlib import Path
@@ -17,6 +19,9 @@ from typing import Any
 
 from harness import Daemon, Terminal, guest_definition, tiny_definition, wait_for
 from test_save_restore import READY, TICK, assert_continues, last_tick, start_counter, ticks
+from tls_certs import make_tls_dir
+
+from qvirtd.peer import Peer, PeerRefusedError
 
 
 def dest(daemon: Daemon) -> str:
@@ -277,3 +282,61 @@ def test_copy_storage_to_a_daemon_with_other_disk_paths(daemon_factory: Any, gue
     assert in_one_place(a, b, "cs") == "a"
     assert (here / "data.img").read_bytes()[4096:4105] == b"COPIED-42"
     a.qvirsh("destroy", "cs")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_migration_over_tls(daemon_factory: Any, guest: Any, tmp_path: Path) -> None:
+    """Two daemons as if on two hosts: each listens on TCP with mutual TLS; the counting
+    guest goes over and back (the QEMUs stream over TLS too)."""
+    certs = make_tls_dir(tmp_path / "pki")
+    ports = free_port(), free_port()
+    a, b = (daemon_factory({"tls_dir": str(certs), "listen_tls": f"127.0.0.1:{port}"})
+            for port in ports)
+    a.define(guest_definition(guest, "tls"))
+    a.qvirsh("start", "tls")
+    a.wait_console("tls", READY, timeout_s=60)
+    start_counter(a, "tls")
+    wait_for(lambda: len(ticks(a, "tls")) >= 3, 20, "the counter")
+    out = a.json("migrate", "tls", f"tls://127.0.0.1:{ports[1]}")
+    assert out["status"] == "completed"
+    last = last_tick(a, "tls")
+    assert in_one_place(a, b, "tls") == "b"
+    assert_continues(b, "tls", last)
+    assert "tls peer qvirtd test client" in b.log_text()  # who asked, from its certificate
+    b.qvirsh("migrate", "tls", f"tls://localhost:{ports[0]}")
+    assert in_one_place(a, b, "tls") == "a"
+
+    # Without a client certificate the TLS listener lets nobody in; with one, only what a
+    # peer daemon needs.
+    async def probe() -> tuple[str, str]:
+        bare = ssl.create_default_context(cafile=str(certs / "ca-cert.pem"))
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", ports[0], ssl=bare)
+            writer.write(b'{"jsonrpc": "2.0", "id": 1, "method": "list", "params": {}}\n')
+            await writer.drain()
+            no_cert = (await asyncio.wait_for(reader.readline(), 5)).decode() or "closed"
+        except (ssl.SSLError, ConnectionError) as exc:
+            no_cert = f"refused: {exc}"
+        peer = await Peer.connect(f"tls://127.0.0.1:{ports[0]}", 5, certs)
+        try:
+            await peer.call("destroy", {"name": "tls"})
+            denied = "allowed"
+        except PeerRefusedError as exc:
+            denied = str(exc)
+        finally:
+            await peer.close()
+        return no_cert, denied
+
+    no_cert, denied = asyncio.run(probe())
+    assert no_cert == "closed" or no_cert.startswith("refused"), no_cert
+    assert "not available over TLS" in denied, denied
+    assert a.json("dominfo", "tls")["state"] == "running"
+    r = a.qvirsh("migrate", "tls", f"tls://127.0.0.1:{ports[1]}", "--copy-storage",
+                 check=False)
+    assert r.returncode == 1 and "not built yet" in r.stderr
+    a.qvirsh("destroy", "tls")
