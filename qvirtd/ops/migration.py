@@ -91,9 +91,7 @@ class Migration:
                       progress: Progress | None = None,
                       copy_storage: bool = False) -> dict[str, Any]:
         ctx = self.ctx
-        if copy_storage and not isinstance(parse_uri(dest), Path):
-            raise InvalidOperationError("--copy-storage over tls:// is not built yet: its "
-                                        "NBD stream would need TLS as well")
+        parse_uri(dest)  # a bad URI is refused before anything is done
         dom = await ctx.lookup(ident)
         async with ctx.async_job(dom, AsyncJobKind.MIGRATION_OUT, owner) as job:
             async with dom.lock:  # L3
@@ -191,8 +189,9 @@ class Migration:
             uri = f"tcp:{peer.tls_host}:{int(prepared['port'])}"
         exports = [str(e) for e in prepared.get("exports") or ()]
         if exports:  # --copy-storage: the disks first, mirrored until the switch-over
-            await storage_copy.mirror(ctx, dom, run, job, str(prepared["nbd"]), exports,
-                                      progress)
+            await storage_copy.mirror(ctx, dom, run, job,
+                                      storage_copy.nbd_client(prepared, peer.tls_host),
+                                      exports, progress)
         await qemu_migration.set_capabilities(
             ctx, dom, run, {"events": True, "pause-before-switchover": True}, "migrate")
         params: dict[str, Any] = {"max-bandwidth": qemu_migration.UNLIMITED_BYTES_S
@@ -442,8 +441,6 @@ class Migration:
                                         f"{describe_validation_error(exc)}") from None
         if token in self._incoming:
             raise InvalidOperationError(f"migration {token} is already being prepared")
-        if tls and disks:
-            raise InvalidOperationError("--copy-storage over tls:// is not built yet")
         if tls and not ctx.settings.listen_tls:
             raise InvalidOperationError("this daemon does not listen on TLS (listen_tls)")
         dom, created = await domain_for(ctx, header)

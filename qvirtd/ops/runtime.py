@@ -70,6 +70,7 @@ from .devices import finish_detach
 log = logging.getLogger(__name__)
 
 _BARRIER = "__qvirtd_barrier__"
+NBD_FD = "qvirtd-nbd"  # the listening socket of a --copy-storage NBD server over TLS
 # How long a teardown waits for its file removals (a sick disk must not hold a run's end).
 TEARDOWN_FILES_S = 5.0
 # A destroy waits this long for its "destroyed" record; then it kills QEMU regardless.
@@ -420,15 +421,20 @@ class Runtime:
             where.update(uri=f"tcp:{host}:{addresses[0]['port']}",
                          port=int(addresses[0]["port"]), tls=True)
         if migration.exports:  # --copy-storage: the source mirrors the disks into these
-            nbd = run.run_dir / NBD_SOCKET
-            await ctx.qmp(dom, run, "nbd-server-start",
-                          {"addr": {"type": "unix", "data": {"path": str(nbd)}}},
-                          what="migration (storage)")
+            if migration.tls:
+                port = await self._nbd_over_tls(dom, run, host)
+                where.update(nbd_port=port)
+            else:
+                nbd = run.run_dir / NBD_SOCKET
+                await ctx.qmp(dom, run, "nbd-server-start",
+                              {"addr": {"type": "unix", "data": {"path": str(nbd)}}},
+                              what="migration (storage)")
+                where.update(nbd=str(nbd))
             for disk in migration.exports:
                 await ctx.qmp(dom, run, "block-export-add",
                               {"type": "nbd", "id": f"mig-{disk}", "node-name": f"fmt-{disk}",
                                "writable": True, "name": disk}, what="migration (storage)")
-            where.update(nbd=str(nbd), exports=list(migration.exports))
+            where.update(exports=list(migration.exports))
         if not migration.listening.done():
             migration.listening.set_result(where)
         done = asyncio.ensure_future(
@@ -451,6 +457,30 @@ class Runtime:
             await asyncio.gather(done, return_exceptions=True)
         done.result()
 
+    async def _nbd_over_tls(self, dom: Domain, run: Run, host: str) -> int:
+        """The NBD server of a --copy-storage over TLS: on a TCP socket the daemon binds
+        (so it knows the port) and hands to QEMU, with the migration's TLS credentials."""
+        ctx = self.ctx
+        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET,
+                             socket.SOCK_STREAM)
+        try:
+            sock.bind((host, 0))
+            sock.listen(8)
+            port = int(sock.getsockname()[1])
+            async with dom.lock:  # L3: the monitor handle only
+                ctx.ensure_current(dom, run, "migration (storage)")
+                monitor = run.monitor
+            if monitor is None:
+                raise InvalidOperationError(f"domain '{dom.name}': the monitor is not "
+                                            "connected")
+            await monitor.send_fd(NBD_FD, sock.fileno())
+        finally:
+            sock.close()
+        await ctx.qmp(dom, run, "nbd-server-start",
+                      {"addr": {"type": "fd", "data": {"str": NBD_FD}},
+                       "tls-creds": qemu_migration.TLS_OBJECT}, what="migration (storage)")
+        return port
+
     async def await_source(self, dom: Domain, run: Run, job: AsyncJob,
                            migration: IncomingMigration) -> bool:
         """The guest is loaded here, paused: wait for the source's word. True: resume it
@@ -461,14 +491,14 @@ class Runtime:
             ctx.ensure_current(dom, run, "migration")
             ctx.set_state(dom, DomainState.PAUSED, Reason.MIGRATING)
         word = await job.abortable(asyncio.shield(migration.go))
-        if migration.tls:
-            await qemu_migration.drop_tls(ctx, dom, run)
         if word == "resume":
             if migration.exports:  # the disks are whole here: no more writes from outside
                 try:
                     await ctx.qmp(dom, run, "nbd-server-stop", what="migration (storage)")
                 except QvirtError as exc:
                     log.warning("domain %s: nbd-server-stop: %s", dom.name, exc)
+            if migration.tls:  # after the NBD server, which used the credentials too
+                await qemu_migration.drop_tls(ctx, dom, run)
             return True
         if word == "abort":
             raise qemu_migration.MigrationFailedError(

@@ -31,6 +31,7 @@ from ..job import AsyncJob
 from ..model import DomainDef
 from ..run import Run
 from .context import Context
+from .qemu_migration import TLS_OBJECT
 
 log = logging.getLogger(__name__)
 
@@ -113,14 +114,23 @@ async def remove_images(paths: list[Path]) -> None:
                         path, exc)
 
 
-async def mirror(ctx: Context, dom: Domain, run: Run, job: AsyncJob, nbd: str,
+def nbd_client(prepared: dict[str, Any], tls_host: str | None) -> dict[str, Any]:
+    """Source: how its NBD client nodes reach the destination's server (the `server` and
+    TLS options of blockdev-add), from the destination's prepare answer."""
+    if tls_host is None:
+        return {"server": {"type": "unix", "path": str(prepared["nbd"])}}
+    return {"server": {"type": "inet", "host": tls_host, "port": str(prepared["nbd_port"])},
+            "tls-creds": TLS_OBJECT, "tls-hostname": tls_host}
+
+
+async def mirror(ctx: Context, dom: Domain, run: Run, job: AsyncJob, where: dict[str, Any],
                  exports: list[str], progress: Any) -> None:
-    """Source: start a mirror of each disk into the destination's NBD export and wait until
-    all are READY (abortable)."""
+    """Source: start a mirror of each disk into the destination's NBD export (`where`:
+    nbd_client()) and wait until all are READY (abortable)."""
     for disk in exports:
         await ctx.qmp(dom, run, "blockdev-add",
-                      {"driver": "nbd", "node-name": f"mig-{disk}", "export": disk,
-                       "server": {"type": "unix", "path": nbd}}, what="migrate (storage)")
+                      {"driver": "nbd", "node-name": f"mig-{disk}", "export": disk, **where},
+                      what="migrate (storage)")
         await ctx.qmp(dom, run, "blockdev-mirror",
                       {"job-id": f"mig-{disk}", "device": f"fmt-{disk}",
                        "target": f"mig-{disk}", "sync": "full"}, what="migrate (storage)")
