@@ -256,6 +256,33 @@ class Terminal:
                     break
         return self.seen
 
+    def prompt(self, prompt: bytes, timeout_s: float = 60) -> None:
+        """Press Enter until the shell shows `prompt` (a key pressed while the shell starts
+        may be flushed with its terminal set-up, so once is not always enough)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            before = len(self.seen)
+            self.type(b"\r")
+            try:
+                self.read_until_after(prompt, before, 5)
+                return
+            except AssertionError:
+                if time.monotonic() > deadline:
+                    raise
+
+    def read_until_after(self, text: bytes, offset: int, timeout_s: float) -> bytes:
+        deadline = time.monotonic() + timeout_s
+        while text not in self.seen[offset:]:
+            left = deadline - time.monotonic()
+            assert left > 0, f"timed out waiting for {text!r}; saw {self.seen[-500:]!r}"
+            ready, _, _ = select.select([self.master], [], [], min(left, 0.2))
+            if ready:
+                try:
+                    self.seen += os.read(self.master, 65536)
+                except OSError:
+                    break
+        return self.seen
+
     def type(self, data: bytes) -> None:
         os.write(self.master, data)
 
