@@ -59,6 +59,18 @@ def progress(info: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+async def _final(ctx: Context, dom: Domain, run: Run, info: dict[str, Any],
+                 what: str) -> dict[str, Any]:
+    """QEMU says "completed" a moment before it has computed the stream's total time and
+    downtime (they read 0 meanwhile): ask again, briefly, for the real figures."""
+    for _ in range(20):
+        if info.get("total-time"):
+            break
+        await asyncio.sleep(0.02)
+        info = await ctx.qmp(dom, run, "query-migrate", what=what)
+    return info
+
+
 async def set_capabilities(ctx: Context, dom: Domain, run: Run, caps: dict[str, bool],
                            what: str) -> None:
     await ctx.qmp(dom, run, "migrate-set-capabilities",
@@ -95,6 +107,8 @@ async def wait_done(ctx: Context, dom: Domain, run: Run, job: AsyncJob, what: st
         while True:
             info = await job.abortable(ctx.qmp(dom, run, "query-migrate", what=what))
             status = str(info.get("status", "none"))
+            if status == "completed" and outgoing:
+                info = await _final(ctx, dom, run, info, what)
             shown = progress(info)
             async with dom.lock:  # L3: domjobinfo reads it
                 ctx.ensure_current(dom, run, what)
