@@ -33,7 +33,7 @@ import contextlib
 import logging
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +50,7 @@ from ..errors import (
     describe_validation_error,
 )
 from ..job import AsyncJob, AsyncJobKind
+from ..locks import check_no_locks
 from ..model import DomainDef, DomainState, Reason
 from ..peer import Peer, PeerError, PeerRefusedError, parse_uri
 from ..run import Run
@@ -146,8 +147,11 @@ class Migration:
                 if peer.tls_host is not None:
                     await qemu_migration.drop_tls(ctx, dom, run)
             except BaseException as exc:
+                # The destination may hold a QEMU of this migration once prepare was sent.
+                sent = job.phase in ("prepare", "perform")
                 await asyncio.shield(self._undo(dom, run, peer, token, was_running,
-                                                f"{exc}", list(disks or ())))
+                                                f"{exc}", list(disks or ()),
+                                                dest if sent else None))
                 if peer is not None:
                     await peer.close()
                 raise
@@ -254,9 +258,10 @@ class Migration:
             if own and peer is not None:
                 await peer.close()
 
-    async def _keep_finishing(self, dom: Domain, run: Run) -> None:
-        """A finish without an answer: ask again (backing off) until the destination says;
-        then confirm (the guest runs there) or resume here. A task of the run."""
+    @staticmethod
+    async def _retries(dom: Domain, run: Run) -> AsyncIterator[dict[str, Any]]:
+        """Each retry (backing off) of a call the destination did not answer, with the
+        run's `outgoing` record, until the run ends or the record is cleared."""
         delay = FINISH_RETRY_S[0]
         while True:
             await asyncio.sleep(delay)
@@ -265,6 +270,12 @@ class Migration:
                 if dom.run is not run or run.outgoing is None:
                     return
                 outgoing = dict(run.outgoing)
+            yield outgoing
+
+    async def _keep_finishing(self, dom: Domain, run: Run) -> None:
+        """A finish without an answer: ask again (backing off) until the destination says;
+        then confirm (the guest runs there) or resume here. A task of the run."""
+        async for outgoing in self._retries(dom, run):
             try:
                 answer = await self._finish(dom, run, None, outgoing["token"],
                                             bool(outgoing.get("was_running", True)))
@@ -358,10 +369,14 @@ class Migration:
                 return
 
     async def _undo(self, dom: Domain, run: Run, peer: Peer | None, token: str,
-                    was_running: bool, why: str, mirrored: list[str] | None = None) -> None:
+                    was_running: bool, why: str, mirrored: list[str] | None = None,
+                    dest: str | None = None) -> None:
+        # `dest`: set when the destination may hold a QEMU of this migration (prepare was
+        # sent); it is then told to drop it until it answers.
         """The migration failed before `finish`: the destination never resumed the guest.
-        Stop the stream, tell the destination to drop its QEMU (best effort: it drops it
-        anyway when this connection ends), resume the guest here if it ran."""
+        Stop the stream, tell the destination to drop its QEMU, resume the guest here if it
+        ran. A destination that does not answer is told again until it does (a paused copy
+        it loaded must not stay there)."""
         ctx = self.ctx
         log.warning("domain %s: migration failed, undoing it: %s", dom.name, why)
         async with dom.lock:  # L3
@@ -372,22 +387,58 @@ class Migration:
             await storage_copy.clean_up(ctx, dom, run, mirrored)
         if current:
             await qemu_migration.drop_tls(ctx, dom, run)
-        if peer is not None:
-            try:
-                async with asyncio.timeout(ctx.settings.peer_timeout_s):
-                    await peer.call("migrate-finish", {"name": dom.uuid, "token": token,
-                                                       "action": "abort"})
-            except (QvirtError, TimeoutError) as exc:
-                log.warning("domain %s: telling the destination to drop its QEMU: %s "
-                            "(it drops it when this daemon's connection ends)", dom.name,
-                            exc or "no answer")
+        told = await self._tell_abort(dom, peer, dest, token) if dest else True
         if not current:
             return
+        if not told and dest:
+            async with dom.lock:  # L3: kept in the status file until the destination answers
+                if dom.run is run:
+                    run.outgoing = {"dest": dest, "token": token, "abort": True,
+                                    "was_running": was_running}
+                    ctx.save_status(dom, run)
+            ctx.spawn(self._keep_aborting(dom, run), f"migrate-abort-{dom.name}", run)
         if cancelled and await self._cancel_and_resume(dom, run, was_running):
             return
         log.error("domain %s: QEMU did not answer the undo of the migration; trying again "
                   "until it does", dom.name)
         ctx.spawn(self._keep_undoing(dom, run, was_running), f"migrate-undo-{dom.name}", run)
+
+    async def _tell_abort(self, dom: Domain, peer: Peer | None, dest: str | None,
+                          token: str) -> bool:
+        """migrate-finish abort to the destination; True on a definite answer."""
+        ctx = self.ctx
+        own = peer is None
+        try:
+            if peer is None:
+                if not dest:
+                    return False
+                peer = await Peer.connect(dest, ctx.settings.peer_timeout_s,
+                                          Path(ctx.settings.tls_dir))
+            check_no_locks(f"migrate-finish abort for {dom.name}")
+            await peer.call("migrate-finish", {"name": dom.uuid, "token": token,
+                                               "action": "abort"})
+            return True
+        except PeerRefusedError as exc:
+            log.warning("domain %s: the destination answered the abort: %s", dom.name, exc)
+            return True
+        except QvirtError as exc:
+            log.warning("domain %s: the destination did not answer the abort (asked again "
+                        "until it does): %s", dom.name, exc)
+            return False
+        finally:
+            if own and peer is not None:
+                await peer.close()
+
+    async def _keep_aborting(self, dom: Domain, run: Run) -> None:
+        """Tell the destination to drop its QEMU until it answers (a task of the run)."""
+        async for outgoing in self._retries(dom, run):
+            if await self._tell_abort(dom, None, str(outgoing["dest"]),
+                                      str(outgoing["token"])):
+                async with dom.lock:  # L5
+                    if dom.run is run and run.outgoing == outgoing:
+                        run.outgoing = None
+                        self.ctx.save_status(dom, run)
+                return
 
     # --- the source after a restart -----------------------------------------------------
 
@@ -396,7 +447,11 @@ class Migration:
         daemon. Before `finish`: undo it. In `finish` (or an unanswered finish): ask the
         destination again. True if there was one."""
         if run.outgoing is not None:
-            self.ctx.spawn(self._keep_finishing(dom, run), f"migrate-finish-{dom.name}", run)
+            if run.outgoing.get("abort"):
+                self.ctx.spawn(self._keep_aborting(dom, run), f"migrate-abort-{dom.name}", run)
+            else:
+                self.ctx.spawn(self._keep_finishing(dom, run), f"migrate-finish-{dom.name}",
+                               run)
             return True
         if record is None or record.kind != AsyncJobKind.MIGRATION_OUT or \
                 run.stop_reason is not None:
@@ -417,7 +472,8 @@ class Migration:
         try:
             await self._undo(dom, run, peer, token, was_running,
                              f"the daemon stopped during its phase '{record.phase}'",
-                             [str(d) for d in data.get("mirror") or ()])
+                             [str(d) for d in data.get("mirror") or ()],
+                             dest if record.phase in ("prepare", "perform") else None)
         finally:
             if peer is not None:
                 await peer.close()

@@ -23,9 +23,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from qvirtd.cli import build_parser, normalise, params_from
 from qvirtd.client import Client
 from qvirtd.qemu.process import qemu_pids_mentioning
 from qvirtd.qemu.unixpath import short_path
+from qvirtd.verbs import VERBS
+
+_PARSER = build_parser()  # qvirsh's own command-line parser, for Daemon.json
 
 TEST_SETTINGS: dict[str, Any] = {
     "lock_check": True,  # every integration test is an instrumented run (rule L4)
@@ -123,7 +127,45 @@ class Daemon:
                                 stderr=subprocess.PIPE, text=True)
 
     def json(self, *args: str) -> Any:
-        return json.loads(self.qvirsh(*args, "--json").stdout)
+        """`qvirsh ARGS --json`, parsed. The command line goes through qvirsh's own parser
+        in this process and the call over the socket as qvirsh makes it, so a check
+        (often polled) costs no Python start-up; streaming verbs and errors in parsing
+        run the real qvirsh."""
+        try:
+            ns = _PARSER.parse_args(normalise([*args, "--json"]))
+        except SystemExit:
+            ns = None
+        verb = VERBS[ns.verb] if ns is not None else None
+        if verb is None or verb.stream or verb.upgrade or \
+                verb.cli in ("event", "console", "screenshot"):
+            return json.loads(self.qvirsh(*args, "--json").stdout)
+        return self.call(verb.name, params_from(verb, ns), " ".join(args))
+
+    def call(self, method: str, params: dict[str, Any], what: str = "",
+             timeout_s: float = 120) -> Any:
+        """One JSON-RPC call over a blocking socket (notifications before the reply are
+        skipped); an error reply raises as a failed qvirsh would."""
+        sock = socket.socket(socket.AF_UNIX)
+        sock.settimeout(timeout_s)
+        try:
+            with short_path(self.socket) as where:
+                sock.connect(where)
+            sock.sendall(json.dumps({"jsonrpc": "2.0", "id": 1, "method": method,
+                                     "params": params}).encode() + b"\n")
+            with sock.makefile("rb") as f:
+                for line in f:
+                    msg = json.loads(line)
+                    if "result" in msg or "error" in msg:
+                        break
+                else:
+                    raise AssertionError(f"qvirsh {what or method} failed: the daemon "
+                                         "closed the connection")
+        finally:
+            sock.close()
+        if "error" in msg:
+            raise AssertionError(f"qvirsh {what or method} failed (1): error: "
+                                 f"{msg['error'].get('message')}")
+        return msg["result"]
 
     def define(self, definition: dict[str, Any]) -> None:
         path = self.root / f"{definition['name']}.def.json"
@@ -165,12 +207,11 @@ class Daemon:
             return self.proc.wait(5)
 
     def lock_violations(self) -> int:
-        stats = json.loads(self.qvirsh("daemon-stats").stdout)
-        return int(stats["lock_violations"])
+        return int(self.call("daemon-stats", {})["lock_violations"])
 
     def loop_stalls(self) -> list[dict[str, Any]]:
         """Rule L6: the callbacks that held this daemon's loop too long (most recent)."""
-        watch = json.loads(self.qvirsh("daemon-stats").stdout)["loop_watch"]
+        watch = self.call("daemon-stats", {})["loop_watch"]
         assert watch is not None, "the daemon runs without its loop watch"
         return list(watch["last"]) if watch["stalls"] else []
 

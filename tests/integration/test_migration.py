@@ -189,23 +189,26 @@ def test_frozen_source_qemu_fails_the_migration_and_keeps_the_guest(
 
 
 def test_kill_loop_either_daemon_at_random_points(daemon_factory: Any) -> None:
-    """30 migrations back and forth; SIGKILL the source or the destination daemon at a
-    random moment of each, restart it: the guest ends in exactly one QEMU every time."""
+    """40 migrations back and forth; SIGKILL the source, the destination or both daemons at
+    a random moment of each, restart: the guest ends in exactly one QEMU every time."""
     a, b = daemon_factory(), daemon_factory()
     a.define(tiny_definition("kl", memory_mib=128))
     a.qvirsh("start", "kl")
     seed = int(os.environ.get("QVIRTD_TEST_SEED", "0")) or random.randrange(1 << 30)
     rng = random.Random(seed)
     counts: dict[str, int] = {}
-    for i in range(30):
+    for i in range(int(os.environ.get("QVIRTD_MIGRATION_ROUNDS", "40"))):
         src, dst = (a, b) if a.qemu_pids() else (b, a)
-        victim = rng.choice([src, dst])
+        who = rng.choice(["source", "destination", "both"])
+        victims = {"source": [src], "destination": [dst], "both": [src, dst]}[who]
         migrating = src.qvirsh_async("migrate", "kl", dest(dst), "--bandwidth",
                                      str(rng.choice([2, 8, 64])))
         time.sleep(rng.uniform(0.0, 0.6))
-        victim.stop(signal.SIGKILL)
+        for victim in victims:
+            victim.stop(signal.SIGKILL)
         _, err = migrating.communicate(120)
-        victim.start()
+        for victim in victims:
+            victim.start()
         try:
             wait_for(lambda: len(a.qemu_pids()) + len(b.qemu_pids()) == 1
                      and "running" in (state_of(a, "kl"), state_of(b, "kl")), 90,
@@ -215,13 +218,12 @@ def test_kill_loop_either_daemon_at_random_points(daemon_factory: Any) -> None:
             for d, label in ((a, "a"), (b, "b")):
                 kept = Path(f"/tmp/qvirtd-kill-loop-{label}.log")
                 kept.write_text(d.log.read_text(errors="replace"))
-            who = "source" if victim is src else "destination"
             raise AssertionError(f"seed {seed}, round {i} ({who} killed): {exc}; "
                                  f"migrate said {err!r}; pids a {a.qemu_pids()} b "
                                  f"{b.qemu_pids()}; the daemons' logs are in "
                                  "/tmp/qvirtd-kill-loop-{a,b}.log") from None
         moved = (where == "b") == (src is a)
-        key = f"{'source' if victim is src else 'destination'} killed, " \
+        key = f"{who} killed, " \
               f"{'moved' if moved else 'stayed'}"
         counts[key] = counts.get(key, 0) + 1
     print(f"migration kill loop (seed {seed}): {json.dumps(counts, sort_keys=True)}")
