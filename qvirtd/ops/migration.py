@@ -500,6 +500,11 @@ class Migration:
         if tls and not ctx.settings.listen_tls:
             raise InvalidOperationError("this daemon does not listen on TLS (listen_tls)")
         dom, created = await domain_for(ctx, header)
+        async with dom.lock:  # L3: a running domain cannot receive itself (a migration to
+            running_here = dom.active  # the daemon it runs on would wait for its own job)
+        if running_here:
+            raise InvalidOperationError(f"domain '{dom.name}' is running on this daemon "
+                                        "already (a migration to the daemon it runs on?)")
         images: list[Path] = []
         if disks:  # --copy-storage: each disk at its path here, created if missing
             async with dom.lock:  # L3

@@ -118,6 +118,8 @@ def test_refused_and_aborted_migrations_leave_the_guest_on_the_source(
     # A destination that is not there, a bad URI.
     r = a.qvirsh("migrate", "ref", "unix:///nonexistent/qvirtd.sock", check=False)
     assert r.returncode == 1 and "cannot reach the destination" in r.stderr
+    r = a.qvirsh("migrate", "ref", dest(a), check=False)  # to itself
+    assert r.returncode == 1 and "running on this daemon already" in r.stderr, r.stderr
     r = a.qvirsh("migrate", "ref", "http://x", check=False)
     assert r.returncode == 1 and "unix:///PATH/qvirtd.sock" in r.stderr
     assert in_one_place(a, b, "ref") == "a"

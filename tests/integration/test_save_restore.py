@@ -250,7 +250,6 @@ def test_daemon_killed_mid_save_leaves_the_guest_in_one_place(daemon_factory: An
         except subprocess.TimeoutExpired:
             pass
         daemon.stop(signal.SIGKILL)
-        finished = saving.poll() == 0  # the save had answered: the reason is not kept
         saving.kill()
         saving.wait()
         daemon.start()
@@ -264,7 +263,9 @@ def test_daemon_killed_mid_save_leaves_the_guest_in_one_place(daemon_factory: An
             assert not image.exists(), (seed, i, "a partial file was left")
             outcomes["undone"] = outcomes.get("undone", 0) + 1
         else:
-            assert state == "shutoff" and (reason == "saved" or finished), \
+            # "unknown": the run had ended (its status file gone) when the daemon died, and
+            # a shut-off domain's reason is not kept across a restart.
+            assert state == "shutoff" and reason in ("saved", "unknown"), \
                 (seed, i, state, reason)
             assert pids == [], (seed, i)
             savefile.read(image)  # whole
