@@ -175,19 +175,22 @@ def _vol_line(p: dict[str, Any]) -> str:
     return f"{p['path']}: {pct:5.1f}% ({p['done'] >> 20} of {p['total'] >> 20} MiB)"
 
 
+def _bar(pct: float, width: int = 30) -> str:
+    filled = int(width * pct / 100)
+    return "#" * filled + "-" * (width - filled)
+
+
 def _migrate_line(p: dict[str, Any]) -> str:
     if p.get("disk_total_bytes"):  # --copy-storage, before the RAM stream
         done, total = int(p.get("disk_transferred_bytes") or 0), int(p["disk_total_bytes"])
         pct = 100.0 * done / total
-        bar = "#" * int(30 * pct / 100) + "-" * (30 - int(30 * pct / 100))
-        return (f"{p.get('name', '?')}: [{bar}] {pct:5.1f}% copying disks, {done >> 20} of "
-                f"{total >> 20} MiB")
+        return (f"{p.get('name', '?')}: [{_bar(pct)}] {pct:5.1f}% copying disks, "
+                f"{done >> 20} of {total >> 20} MiB")
     total = p.get("ram_total_bytes") or 0
     done = p.get("ram_transferred_bytes") or 0
     left = p.get("ram_remaining_bytes")
     pct = 100.0 * (total - left) / total if total and left is not None else 0.0
-    width = 30
-    bar = "#" * int(width * pct / 100) + "-" * (width - int(width * pct / 100))
+    bar = _bar(pct)
     rate = p.get("mbps")
     return (f"{p.get('name', '?')}: [{bar}] {pct:5.1f}% {p.get('status', '?')}, "
             f"{done >> 20} MiB sent" + (f", {left >> 20} MiB left" if left is not None else "")

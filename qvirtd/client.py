@@ -42,6 +42,19 @@ def _rpc_error(err: Any) -> RpcError:
     return RpcError(err.get("code", 0), err.get("message", "unknown error"), kind)
 
 
+def _connected(path: str | Path) -> socket.socket:
+    """A socket connected to the daemon at `path` (a local UNIX socket: qvirsh may block
+    here; the daemon itself uses qemu/unixpath.connect_unix)."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        with short_path(Path(path)) as where:
+            sock.connect(where)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
 class Client:
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._reader = reader
@@ -55,14 +68,8 @@ class Client:
 
     @classmethod
     async def connect(cls, path: str | Path, limit: int = 64 * 1024 * 1024) -> Client:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        try:
-            with short_path(Path(path)) as where:
-                sock.connect(where)  # local UNIX socket: does not block
-        except OSError:
-            sock.close()
-            raise
-        reader, writer = await asyncio.open_unix_connection(sock=sock, limit=limit)
+        reader, writer = await asyncio.open_unix_connection(sock=_connected(path),
+                                                            limit=limit)
         return cls(reader, writer)
 
     async def _read_loop(self) -> None:
@@ -157,14 +164,7 @@ async def open_stream(path: str | Path, method: str, params: dict[str, Any],
     """Call an upgrade method (`console`) on a connection of its own: its result, then the
     connection's reader and writer for the raw bytes that follow the reply (RpcError if
     the daemon refused; the connection is then closed)."""
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    try:
-        with short_path(Path(path)) as where:
-            sock.connect(where)  # local UNIX socket: does not block
-    except OSError:
-        sock.close()
-        raise
-    reader, writer = await asyncio.open_unix_connection(sock=sock)
+    reader, writer = await asyncio.open_unix_connection(sock=_connected(path))
     try:
         writer.write(json.dumps({"jsonrpc": "2.0", "id": 1, "method": method,
                                  "params": params}).encode() + b"\n")

@@ -20,17 +20,17 @@ import asyncio
 import logging
 import os
 import shutil
-from collections.abc import AsyncIterator, Coroutine, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from ..config import Layout, Settings
 from ..domain import Domain
 from ..driver import DomainTable
 from ..errors import DomainGoneError, InvalidOperationError, MonitorClosedError, NoDomainError
 from ..events import EventBus
-from ..job import AsyncJob, AsyncJobKind, Job, JobKind
+from ..job import AsyncJob, AsyncJobKind, Job, JobCondition, JobKind
 from ..locks import check_no_locks
 from ..loopwatch import LoopWatch
 from ..model import DomainState, Reason
@@ -42,6 +42,8 @@ from ..store import DefinitionStore
 from ..writer import FileWriter
 
 log = logging.getLogger(__name__)
+
+J = TypeVar("J", Job, AsyncJob)
 
 # A status write that failed (full disk, EMFILE) is tried again after this long.
 STATUS_RETRY_S = 1.0
@@ -122,16 +124,23 @@ class Context:
         if dom.removed:
             raise NoDomainError(f"domain '{dom.name}' not found (it was undefined)")
 
+    async def _take(self, dom: Domain, cond: JobCondition,
+                    acquire: Callable[[], Awaitable[J]]) -> J:
+        """L2 for every job slot: `acquire` waits on `cond` under the domain lock (the wait
+        releases it); a domain removed meanwhile gives the job back (L5)."""
+        async with dom.lock:  # L2: take the job under the domain lock
+            self.ensure_in_table(dom)
+            job = await acquire()
+            if dom.removed:  # L5: removed while we waited
+                cond.release(job)
+                self.ensure_in_table(dom)
+            return job
+
     async def begin_job(self, dom: Domain, kind: JobKind, owner: str,
                         nested: AsyncJob | None = None) -> Job:
         """Take a sync job (prefer `job()`; this is for a job handed from task to task)."""
-        async with dom.lock:  # L2: take the job under the domain lock (the wait releases it)
-            self.ensure_in_table(dom)
-            job = await dom.job.acquire(kind, owner, self.settings.job_wait_timeout_s, nested)
-            if dom.removed:  # L5: removed while we waited
-                dom.job.release(job)
-                self.ensure_in_table(dom)
-            return job
+        return await self._take(dom, dom.job, lambda: dom.job.acquire(
+            kind, owner, self.settings.job_wait_timeout_s, nested))
 
     async def end_job(self, dom: Domain, job: Job | AsyncJob) -> None:
         async with dom.lock:  # L2: end the job under the domain lock
@@ -151,12 +160,8 @@ class Context:
     @asynccontextmanager
     async def agent_job(self, dom: Domain, kind: JobKind, owner: str) -> AsyncIterator[Job]:
         """The guest agent's own job (L2 on `dom.agent_job`): never waits for a monitor job."""
-        async with dom.lock:  # L2
-            self.ensure_in_table(dom)
-            job = await dom.agent_job.acquire(kind, owner, self.settings.job_wait_timeout_s)
-            if dom.removed:  # L5
-                dom.agent_job.release(job)
-                self.ensure_in_table(dom)
+        job = await self._take(dom, dom.agent_job, lambda: dom.agent_job.acquire(
+            kind, owner, self.settings.job_wait_timeout_s))
         try:
             yield job
         finally:
@@ -166,12 +171,8 @@ class Context:
     @asynccontextmanager
     async def async_job(self, dom: Domain, kind: AsyncJobKind,
                         owner: str) -> AsyncIterator[AsyncJob]:
-        async with dom.lock:  # L2
-            self.ensure_in_table(dom)
-            job = await dom.job.acquire_async(kind, owner, self.settings.job_wait_timeout_s)
-            if dom.removed:  # L5
-                dom.job.release(job)
-                self.ensure_in_table(dom)
+        job = await self._take(dom, dom.job, lambda: dom.job.acquire_async(
+            kind, owner, self.settings.job_wait_timeout_s))
         try:
             yield job
         finally:

@@ -37,7 +37,7 @@ from ..qemu.argv import LaunchPaths
 from ..qemu.console import ConsoleSession, Peer, read_tail
 from ..qemu.firmware import check_images, nvram_files
 from ..qemu.qmp_policy import TAINT_CUSTOM_MONITOR, check_raw_command, refused_reason
-from ..run import CONSOLE_LOG
+from ..run import CONSOLE_LOG, Run
 from .context import Context
 from .guest import Guest
 from .runtime import DESTROY_RECORD_S, Runtime
@@ -434,12 +434,7 @@ class Lifecycle:
         if mode == "agent":
             run = await self.guest.shutdown(dom, owner)
         else:
-            async with ctx.job(dom, JobKind.MODIFY, owner):
-                async with dom.lock:  # L3
-                    run = ctx.running(dom)
-                    run.fake_reboot = False
-                    ctx.save_status(dom, run)
-                await ctx.qmp(dom, run, "system_powerdown", what="shutdown")
+            run = await self._power_button(dom, owner, reboot=False)
         log.info("domain %s: shutdown (%s) asked by %s", dom.name, mode, owner)
         if wait_s is not None and not await ctx.wait_ended(run, wait_s):
             raise QvirtError(f"domain '{dom.name}' did not shut off within {wait_s:g} s (the "
@@ -448,16 +443,22 @@ class Lifecycle:
 
     async def reboot(self, ident: str, owner: str) -> dict[str, Any]:
         """Power button, then reset-and-continue in the same QEMU once the guest powers off."""
+        dom = await self.ctx.lookup(ident)
+        await self._power_button(dom, owner, reboot=True)
+        log.info("domain %s: reboot asked by %s", dom.name, owner)
+        return await self.dominfo(dom.uuid)
+
+    async def _power_button(self, dom: Domain, owner: str, reboot: bool) -> Run:
+        """The ACPI power button under a MODIFY job; `reboot`: when the guest powers off, it
+        is reset and continued (recorded in the status file before the button)."""
         ctx = self.ctx
-        dom = await ctx.lookup(ident)
         async with ctx.job(dom, JobKind.MODIFY, owner):
             async with dom.lock:  # L3
                 run = ctx.running(dom)
-                run.fake_reboot = True
+                run.fake_reboot = reboot
                 ctx.save_status(dom, run)
-            await ctx.qmp(dom, run, "system_powerdown", what="reboot")
-        log.info("domain %s: reboot asked by %s", dom.name, owner)
-        return await self.dominfo(dom.uuid)
+            await ctx.qmp(dom, run, "system_powerdown", what="reboot" if reboot else "shutdown")
+        return run
 
     async def _simple(self, ident: str, owner: str, kind: JobKind, command: str,
                       after: tuple[DomainState, Reason, tuple[str, str]] | None

@@ -29,7 +29,6 @@ a daemon killed at each phase.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import secrets
 import time
@@ -342,9 +341,11 @@ class Migration:
         do it (a frozen QEMU: try again later)."""
         if not await qemu_migration.cancel(self.ctx, dom, run, "migrate (undo)"):
             async with dom.lock:  # L3
-                if dom.run is not run:
-                    return True
-            return False
+                return dom.run is not run  # gone: nothing left to undo
+        return await self._resume_after_cancel(dom, run, was_running)
+
+    async def _resume_after_cancel(self, dom: Domain, run: Run, was_running: bool) -> bool:
+        """The stream is stopped: run the guest again if it ran (False: QEMU did not)."""
         async with dom.lock:  # L3
             if dom.run is not run:
                 return True
@@ -371,12 +372,11 @@ class Migration:
     async def _undo(self, dom: Domain, run: Run, peer: Peer | None, token: str,
                     was_running: bool, why: str, mirrored: list[str] | None = None,
                     dest: str | None = None) -> None:
-        # `dest`: set when the destination may hold a QEMU of this migration (prepare was
-        # sent); it is then told to drop it until it answers.
         """The migration failed before `finish`: the destination never resumed the guest.
         Stop the stream, tell the destination to drop its QEMU, resume the guest here if it
-        ran. A destination that does not answer is told again until it does (a paused copy
-        it loaded must not stay there)."""
+        ran. `dest` is given when the destination may hold a QEMU of this migration
+        (prepare was sent, over `peer` or a new connection): if it does not answer it is
+        told again until it does (a paused copy it loaded must not stay there)."""
         ctx = self.ctx
         log.warning("domain %s: migration failed, undoing it: %s", dom.name, why)
         async with dom.lock:  # L3
@@ -397,7 +397,7 @@ class Migration:
                                     "was_running": was_running}
                     ctx.save_status(dom, run)
             ctx.spawn(self._keep_aborting(dom, run), f"migrate-abort-{dom.name}", run)
-        if cancelled and await self._cancel_and_resume(dom, run, was_running):
+        if cancelled and await self._resume_after_cancel(dom, run, was_running):
             return
         log.error("domain %s: QEMU did not answer the undo of the migration; trying again "
                   "until it does", dom.name)
@@ -465,18 +465,10 @@ class Migration:
                 self.ctx.save_status(dom, run)
             self.ctx.spawn(self._keep_finishing(dom, run), f"migrate-finish-{dom.name}", run)
             return True
-        peer = None
-        with contextlib.suppress(QvirtError):
-            peer = await Peer.connect(dest, self.ctx.settings.peer_timeout_s,
-                                        Path(self.ctx.settings.tls_dir))
-        try:
-            await self._undo(dom, run, peer, token, was_running,
-                             f"the daemon stopped during its phase '{record.phase}'",
-                             [str(d) for d in data.get("mirror") or ()],
-                             dest if record.phase in ("prepare", "perform") else None)
-        finally:
-            if peer is not None:
-                await peer.close()
+        await self._undo(dom, run, None, token, was_running,
+                         f"the daemon stopped during its phase '{record.phase}'",
+                         [str(d) for d in data.get("mirror") or ()],
+                         dest if record.phase in ("prepare", "perform") else None)
         return True
 
     # === the destination ======================================================================

@@ -87,7 +87,7 @@ def _incoming(status: DomainStatus) -> str | None:
     return str(kind) if kind else None
 
 
-def _restore_loaded(status: DomainStatus) -> bool:
+def _incoming_loaded(status: DomainStatus) -> bool:
     """A start whose QEMU had loaded a saved or migrated guest: never rolled back (the QEMU
     may hold the only copy of the guest: a managed image may be gone, the source may have
     stopped). A restore is finished; a migration waits for its source's word."""
@@ -195,7 +195,7 @@ class Reconnector:
                     log.warning("domain %s: removing the partial save file %s", dom.name,
                                 partial)
                     await ctx.writer.remove(partial, durable=False)
-            if not _started(status) and not _restore_loaded(status):
+            if not _started(status) and not _incoming_loaded(status):
                 # Killed between writing the record and learning the pid, or during the
                 # start: whatever QEMU names this run directory is that half-started run.
                 for pid in self._using(run_dir, processes):
@@ -232,7 +232,7 @@ class Reconnector:
         """Holding the "reconnect" job: finish, roll back or re-establish the run."""
         ctx = self.ctx
         try:
-            cut_short = not _started(status) and not _restore_loaded(status)
+            cut_short = not _started(status) and not _incoming_loaded(status)
             if cut_short or run.stop_reason is not None:
                 async with dom.lock:  # L3
                     if dom.run is not run:
@@ -261,7 +261,7 @@ class Reconnector:
             return
         if record is None:
             return
-        if _restore_loaded(status):
+        if _incoming_loaded(status):
             kind = _incoming(status)
             paused = bool(record.data.get("paused"))
             if kind == "migration" and record.phase == "loaded":

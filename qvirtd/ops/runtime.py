@@ -20,6 +20,7 @@ import logging
 import os
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -574,30 +575,37 @@ class Runtime:
             return
         agent = GuestAgent(dom.name, run.agent_socket)
         await agent.connect(self.ctx.settings.monitor_connect_timeout_s)
-        async with dom.lock:  # L5
-            current = dom.run is run
-            if current:
-                agent.guest_connected = run.agent_connected
-                old, run.agent = run.agent, agent
-        if not current:
-            agent.close()
-            raise DomainGoneError(f"domain '{dom.name}' stopped while its guest agent "
-                                  "channel was being connected")
-        if old is not None:
-            old.close()
+
+        def install() -> GuestAgent | None:
+            agent.guest_connected = run.agent_connected
+            old, run.agent = run.agent, agent
+            return old
+        await self._install(dom, run, agent, install, "its guest agent channel")
 
     async def connect_console(self, dom: Domain, run: Run) -> None:
         console = SerialConsole(dom.name, run.console_socket, run.console_log, self.ctx.writer,
                              self.ctx.settings.console_log_max_bytes)
         await console.connect(self.ctx.settings.monitor_connect_timeout_s)
+
+        def install() -> SerialConsole | None:
+            old, run.console = run.console, console
+            return old
+        await self._install(dom, run, console, install, "its console")
+
+    @staticmethod
+    async def _install(dom: Domain, run: Run, new: GuestAgent | SerialConsole,
+                       install: Callable[[], GuestAgent | SerialConsole | None],
+                       what: str) -> None:
+        """A channel connected with no lock held becomes the run's if the run is still the
+        domain's (L5; `install` swaps it in under the lock and returns the one it replaces,
+        closed here); else it is closed and DomainGoneError raised."""
         async with dom.lock:  # L5
             current = dom.run is run
-            if current:
-                old, run.console = run.console, console
+            old = install() if current else None
         if not current:
-            console.close()
-            raise DomainGoneError(f"domain '{dom.name}' stopped while its console was "
-                                  "being connected")
+            new.close()
+            raise DomainGoneError(f"domain '{dom.name}' stopped while {what} was being "
+                                  "connected")
         if old is not None:
             old.close()
 

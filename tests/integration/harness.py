@@ -285,17 +285,7 @@ class Terminal:
         self.seen = b""
 
     def read_until(self, text: bytes, timeout_s: float = 20) -> bytes:
-        deadline = time.monotonic() + timeout_s
-        while text not in self.seen:
-            left = deadline - time.monotonic()
-            assert left > 0, f"timed out waiting for {text!r}; saw {self.seen[-500:]!r}"
-            ready, _, _ = select.select([self.master], [], [], min(left, 0.2))
-            if ready:
-                try:
-                    self.seen += os.read(self.master, 65536)
-                except OSError:
-                    break
-        return self.seen
+        return self.read_until_after(text, 0, timeout_s)
 
     def prompt(self, prompt: bytes, timeout_s: float = 60) -> None:
         """Press Enter until the shell shows `prompt` (a key pressed while the shell starts
@@ -312,6 +302,7 @@ class Terminal:
                     raise
 
     def read_until_after(self, text: bytes, offset: int, timeout_s: float) -> bytes:
+        """Read until `text` appears at or after byte `offset` of what was seen."""
         deadline = time.monotonic() + timeout_s
         while text not in self.seen[offset:]:
             left = deadline - time.monotonic()
