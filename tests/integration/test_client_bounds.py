@@ -185,8 +185,10 @@ async def test_a_client_that_pipelines_and_never_reads_is_cut_off(
                 else "client_write_timeout_s") in log
         # The other client was answered all along, promptly.
         assert not prober.errors, prober.errors[:3]
-        assert len(prober.latencies) > 300
+        # Answered all along: no call waited a second, and calls kept coming through the
+        # whole 10 s (a count, not a speed: 100 calls is 90 ms a round on a loaded CI host).
         assert max(prober.latencies) < 1.0, max(prober.latencies)
+        assert len(prober.latencies) > 100, len(prober.latencies)
     finally:
         if last is not None:
             last.close()
