@@ -20,7 +20,6 @@ Usage: python benchmarks/bench_compare.py [--quick] [--libvirt]
 from __future__ import annotations
 
 import asyncio
-import multiprocessing
 import os
 import shutil
 import signal
@@ -34,6 +33,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from bench_queries import asyncio_worker, rate, request
 from common import Qvirtd, emit, header, kill_qemus_mentioning, percentile, run_main
 from qemu.qmp import QMPClient
 
@@ -122,33 +122,6 @@ async def qvirtd_start(n: int) -> dict[str, Any]:
         return {"seconds": elapsed, "driver_lock": stats["driver_lock"]}
     finally:
         daemon.stop()
-
-
-def _query_worker(sock: str, name: str, seconds: float, out: Any) -> None:
-    async def run() -> int:
-        client = await Client.connect(sock)
-        count = 0
-        deadline = time.perf_counter() + seconds
-        while time.perf_counter() < deadline:
-            await client.call("dominfo", {"name": name})
-            count += 1
-        await client.close()
-        return count
-    out.put(asyncio.run(run()))
-
-
-def query_rate(sock: Path, name: str, clients: int, seconds: float) -> float:
-    """dominfo calls per second, summed over `clients` processes."""
-    ctx = multiprocessing.get_context("spawn")
-    out = ctx.Queue()
-    workers = [ctx.Process(target=_query_worker, args=(str(sock), name, seconds, out))
-               for _ in range(clients)]
-    for w in workers:
-        w.start()
-    total = sum(out.get(timeout=seconds + 60) for _ in workers)
-    for w in workers:
-        w.join()
-    return total / seconds
 
 
 async def latencies(client: Client, name: str, seconds: float) -> list[float]:
@@ -275,20 +248,10 @@ async def memory(defined: int, running: int) -> dict[str, Any]:
 
 def libvirt_figures(sizes: list[int], quick: bool) -> dict[str, Any]:
     """The same scenarios against a private libvirtd (client side under Debian's python3)."""
-    import json
+    from libvirt_private import PrivateLibvirtd
 
-    from libvirt_private import SYSTEM_PYTHON, PrivateLibvirtd
-
-    client = str(Path(__file__).resolve().parent / "libvirt_client.py")
     lv = PrivateLibvirtd()
-
-    def run(*args: str) -> Any:
-        res = subprocess.run([SYSTEM_PYTHON, client, lv.uri, str(lv.base / "run"), *args],
-                             capture_output=True, text=True, timeout=600)
-        if res.returncode != 0:
-            raise SystemExit(f"libvirt scenario {args} failed: {res.stderr[-2000:]}")
-        return json.loads(res.stdout)
-
+    run = lv.scenario
     try:
         out: dict[str, Any] = {"version": "libvirt 9.0 (Debian 12), private libvirtd"}
         out["start"] = {n: run("start", str(n))["seconds"] for n in sizes}
@@ -320,7 +283,8 @@ async def main_async(quick: bool, with_libvirt: bool = False) -> None:
         await client.call("define", {"definition": {"name": "q", **TINY}})
         await client.call("start", {"name": "q"})
         seconds = 1.0 if quick else 5.0
-        result["queries"] = {str(k): query_rate(daemon.socket, "q", k, seconds)
+        line = request("dominfo", {"name": "q"})
+        result["queries"] = {str(k): rate(asyncio_worker, str(daemon.socket), line, k, seconds)
                              for k in (1, 8)}
         await client.call("destroy", {"name": "q"})
         await client.close()
@@ -390,8 +354,4 @@ async def main_async(quick: bool, with_libvirt: bool = False) -> None:
 
 
 if __name__ == "__main__":
-    if "--libvirt" in sys.argv:
-        sys.argv.remove("--libvirt")
-        run_main(__doc__ or "", lambda quick: main_async(quick, with_libvirt=True))
-    else:
-        run_main(__doc__ or "", main_async)
+    run_main(__doc__ or "", main_async, libvirt=True)

@@ -126,8 +126,16 @@ def kill_qemus_mentioning(text: str) -> None:
             pass
 
 
-def run_main(doc: str, main_async: Callable[[bool], Coroutine[Any, Any, None]]) -> None:
-    """The command line every benchmark shares: `--quick` for CI's it-still-works run."""
+def run_main(doc: str, main_async: Callable[..., Coroutine[Any, Any, None]],
+             libvirt: bool = False) -> None:
+    """The command line every benchmark shares: `--quick` for CI's it-still-works run;
+    `libvirt`: the benchmark also takes `--libvirt` (main_async(quick, with_libvirt))."""
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small run: checks it works")
-    asyncio.run(main_async(parser.parse_args().quick))
+    if libvirt:
+        parser.add_argument("--libvirt", action="store_true",
+                            help="also measure Debian's libvirt in the same run")
+        args = parser.parse_args()
+        asyncio.run(main_async(args.quick, args.libvirt))
+    else:
+        asyncio.run(main_async(parser.parse_args().quick))

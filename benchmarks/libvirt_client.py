@@ -3,7 +3,8 @@
 Usage: /usr/bin/python3 libvirt_client.py URI RUN_DIR SCENARIO [ARGS...]; prints one JSON
 document. Scenarios mirror bench_compare's: start N, queries K SECONDS, frozen, define N
 RUNNING (for the memory figure; the caller reads libvirtd's RSS while domains exist, then
-calls cleanup).
+calls cleanup); and bench_queries': cpu PID N (libvirtd's CPU per info()), bulk PID DEFINED
+RUNNING (listing with info() of each, getAllDomainStats).
 """
 
 from __future__ import annotations
@@ -222,6 +223,53 @@ def populate(uri: str, defined: int, running: int) -> dict[str, int]:
     return {"defined": defined, "running": running}
 
 
+def cpu_s(pid: int) -> float:
+    """utime + stime of `pid` (libvirtd), in seconds."""
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu(uri: str, pid: int, n: int) -> dict[str, float]:
+    """libvirtd's own CPU per info() over n calls from one client, one at a time."""
+    conn = libvirt.open(uri)
+    define(conn, ["lvq"])
+    conn.lookupByName("lvq").create()
+    dom = conn.lookupByName("lvq")
+    for _ in range(min(n, 500)):
+        dom.info()
+    before = cpu_s(pid)
+    t = time.perf_counter()
+    for _ in range(n):
+        dom.info()
+    elapsed = time.perf_counter() - t
+    used = cpu_s(pid) - before
+    cleanup(conn)
+    return {"cpu_us": used / n * 1e6, "wall_us": elapsed / n * 1e6}
+
+
+def bulk(uri: str, pid: int, defined: int, running: int) -> dict[str, float]:
+    """listAllDomains + info() of each (what `list --all --info` answers in one call), and
+    getAllDomainStats of the running ones: wall and libvirtd CPU per round, in ms."""
+    populate(uri, defined, running)
+    conn = libvirt.open(uri)
+    rounds = 10
+
+    def timed(work: object) -> tuple[float, float]:
+        work()  # type: ignore[operator]
+        before, t = cpu_s(pid), time.perf_counter()
+        for _ in range(rounds):
+            work()  # type: ignore[operator]
+        return ((time.perf_counter() - t) / rounds * 1e3,
+                (cpu_s(pid) - before) / rounds * 1e3)
+
+    list_wall, list_cpu = timed(lambda: [d.info() for d in conn.listAllDomains()])
+    stats_wall, stats_cpu = timed(lambda: conn.getAllDomainStats(
+        flags=libvirt.VIR_CONNECT_GET_ALL_DOMAINS_STATS_ACTIVE))
+    cleanup(conn)
+    return {"defined": defined, "running": running, "list_wall_ms": list_wall,
+            "list_cpu_ms": list_cpu, "stats_wall_ms": stats_wall, "stats_cpu_ms": stats_cpu}
+
+
 def run_event_loop() -> None:
     """libvirt's default event loop, which delivers the callbacks (in this thread)."""
     while True:
@@ -244,6 +292,10 @@ def main() -> None:
         out = events(uri, int(args[0]), int(args[1]), int(args[2]))
     elif scenario == "populate":
         out = populate(uri, int(args[0]), int(args[1]))
+    elif scenario == "cpu":
+        out = cpu(uri, int(args[0]), int(args[1]))
+    elif scenario == "bulk":
+        out = bulk(uri, int(args[0]), int(args[1]), int(args[2]))
     elif scenario == "cleanup":
         cleanup(libvirt.open(uri))
         out = {}

@@ -10,6 +10,7 @@ no cgroup controllers, and a `libvirt-qemu` system user exists.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -17,6 +18,7 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 PACKAGES = ["libvirt-daemon", "libvirt-daemon-driver-qemu", "python3-libvirt",
             "libvirt-clients"]
@@ -84,6 +86,16 @@ class PrivateLibvirtd:
     @property
     def uri(self) -> str:
         return f"qemu:///system?socket={self.socket}"
+
+    def scenario(self, *args: str, timeout_s: float = 900) -> Any:
+        """One libvirt_client.py scenario against this libvirtd (Debian's python3, where
+        python3-libvirt lives): its JSON output."""
+        client = str(Path(__file__).resolve().parent / "libvirt_client.py")
+        res = subprocess.run([SYSTEM_PYTHON, client, self.uri, str(self.base / "run"), *args],
+                             capture_output=True, text=True, timeout=timeout_s)
+        if res.returncode != 0:
+            raise SystemExit(f"libvirt scenario {args} failed: {res.stderr[-2000:]}")
+        return json.loads(res.stdout)
 
     def qemu_pids(self) -> list[int]:
         pids = []

@@ -41,6 +41,7 @@ class Settings(BaseModel):
     monitor_reconnect_interval_s: Annotated[float, Field(gt=0, le=3600)] = 5.0
     agent_timeout_s: Annotated[float, Field(gt=0, le=3600)] = 10.0
     migration_stall_timeout_s: Annotated[float, Field(gt=0, le=3600)] = 60.0
+    stats_timeout_s: Annotated[float, Field(ge=0, le=60)] = 0.5
     peer_timeout_s: Annotated[float, Field(gt=0, le=3600)] = 30.0
     listen_tls: str = ""
     tls_dir: str = "/etc/pki/qvirtd"

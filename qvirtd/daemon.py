@@ -31,10 +31,11 @@ from .ops.migration import Migration
 from .ops.reconnect import Reconnector
 from .ops.runtime import Runtime
 from .ops.saves import Saves
+from .ops.stats import Stats
 from .ops.volumes import Volumes
 from .qemu.monitor import quieten_library_logging
 from .qemu.unixpath import short_path
-from .rpc.methods import build_methods, upgrade_methods
+from .rpc.methods import build_methods, now_methods, upgrade_methods
 from .rpc.server import RpcServer
 from .systemd import listen_fds, sd_notify, watchdog_interval
 from .tls import server_context, split_hostport
@@ -95,13 +96,13 @@ class Daemon:
         self.reconnector = Reconnector(self.ctx, self.runtime, self.saves, self.migration)
         self.devices = Devices(self.ctx)
         # Every verb of the registry (qvirtd/verbs.py) is a method of the server.
+        services = Services(self.ctx, self.ops, self.devices, self.guest, Volumes(self.ctx),
+                            self.saves, self.migration, Stats(self.ctx))
         self.server = RpcServer({}, settings.max_message_bytes,
-                                settings.max_requests_in_flight,
-                                build_methods(Services(self.ctx, self.ops, self.devices,
-                                                       self.guest, Volumes(self.ctx),
-                                                       self.saves, self.migration)),
+                                settings.max_requests_in_flight, build_methods(services),
                                 settings.client_write_timeout_s, settings=settings,
-                                upgrade_methods=upgrade_methods())
+                                upgrade_methods=upgrade_methods(),
+                                now_methods=now_methods(services))
         self._stop = asyncio.Event()
 
     def _prepare_dirs(self) -> None:

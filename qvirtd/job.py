@@ -209,6 +209,11 @@ class JobCondition:
             return nested is self.async_job
         return kind in self.async_job.mask
 
+    def can_start_now(self, kind: JobKind) -> bool:
+        """Whether a `kind` job could start at once (a guess, no lock needed: the job is then
+        taken, under the lock, with a zero wait)."""
+        return self._can_start(kind, None)
+
     def _blocker(self) -> Job | AsyncJob | None:
         return self.sync_job if self.sync_job is not None else self.async_job
 

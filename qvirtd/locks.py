@@ -22,6 +22,11 @@ log = logging.getLogger(__name__)
 _held: dict[asyncio.Task[Any], list[TrackedLock]] = {}
 
 
+class WouldWait(Exception):
+    """A synchronous read found a lock it needs held: it is answered by a task instead,
+    which waits for the lock as usual."""
+
+
 class LockWatch:
     """Process-wide switch and counters for lock-discipline checking."""
 
@@ -93,6 +98,15 @@ class TrackedLock(asyncio.Lock):
                     del _held[owner]
             self._owner = None
         super().release()
+
+    def read_now(self) -> None:
+        """Before a synchronous read of what this lock guards, with no await until the read
+        is done: raises WouldWait if some task holds the lock (it may be half-way through a
+        change). Otherwise the read is as if made under the lock: nobody holds it, and
+        nothing else runs on the loop until the reader returns. (rule L1/L3's inline
+        reads, docs/design.md)"""
+        if self.locked():
+            raise WouldWait(self.name)
 
     def held_by_current_task(self) -> bool:
         return self._owner is not None and self._owner is asyncio.current_task()

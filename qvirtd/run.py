@@ -101,6 +101,17 @@ class Run:
         # where the guest went ({"dest", "token", "was_running"}).
         self.incoming_token: str | None = None
         self.outgoing: dict[str, Any] | None = None
+        # The async job a previous daemon was doing on this run, until reconnect has
+        # finished or undone it (kept in the status file meanwhile: a QEMU frozen at
+        # reconnect may answer only after further restarts).
+        self.pending_job: JobRecord | None = None
+        # domstats (ops/stats.py): the last block counters QEMU gave, when, the query still
+        # out (at most one), and why the last one could not be asked or answered.
+        self.block_stats: list[dict[str, Any]] = []
+        self.block_stats_at: float | None = None
+        self.stats_query: asyncio.Task[None] | None = None
+        self.stats_busy: str | None = None
+        self.stats_error: str | None = None
         # Set once the process is known (spawned, or adopted), or its spawn failed.
         self.spawned = asyncio.Event()
         self.ended = asyncio.Event()
@@ -189,7 +200,7 @@ class Run:
             saw_shutdown=self.saw_shutdown, fake_reboot=self.fake_reboot,
             async_job=JobRecord(kind=str(job.kind), phase=job.phase, owner=job.owner,
                                 since=job.started_at, data=dict(job.data))
-            if job is not None else None,
+            if job is not None else self.pending_job,
             follow_ups=[FollowUpRecord(kind=str(f.kind), why=f.why, device=f.device)
                         for f in self.follow_ups],
             ports=dict(self.ports), root_ports=self.root_ports,
@@ -210,6 +221,7 @@ class Run:
         run.tainted = list(status.tainted)
         run.incoming_token = status.incoming_token
         run.outgoing = status.outgoing
+        run.pending_job = status.async_job
         for record in status.follow_ups:
             with contextlib.suppress(ValueError):
                 run.follow_ups.append(FollowUp(FollowUpKind(record.kind), record.why,

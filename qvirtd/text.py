@@ -16,6 +16,25 @@ def table(rows: list[dict[str, Any]], columns: list[tuple[str, str]]) -> str:
     return "\n".join(lines)
 
 
+def domstats(result: dict[str, Any]) -> str:
+    """One line per domain: CPU seconds, resident memory, block bytes read and written."""
+    rows = []
+    for d in result["domains"]:
+        block = d.get("block") or []
+        cpu = d.get("cpu_time_ns")
+        rss = (d.get("memory") or {}).get("rss_kib")
+        rows.append({
+            "name": d["name"], "state": d["state"],
+            "cpu": f"{cpu / 1e9:.2f}" if cpu is not None else None,
+            "rss": f"{rss / 1024:.1f}" if rss is not None else None,
+            "rd": sum(b.get("rd_bytes") or 0 for b in block) if "block" in d else None,
+            "wr": sum(b.get("wr_bytes") or 0 for b in block) if "block" in d else None,
+            "stale": d.get("stale_reason") if d.get("stale") else None})
+    return table(rows, [("name", "Name"), ("state", "State"), ("cpu", "CPU s"),
+                        ("rss", "RSS MiB"), ("rd", "Read B"), ("wr", "Written B"),
+                        ("stale", "Stale")])
+
+
 def key_values(info: dict[str, Any]) -> str:
     width = max(len(k) for k in info) + 1
     out = []

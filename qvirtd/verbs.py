@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     from .ops.lifecycle import Lifecycle
     from .ops.migration import Migration
     from .ops.saves import Saves
+    from .ops.stats import Stats
     from .ops.volumes import Volumes
     from .rpc.server import Connection
 
@@ -64,8 +65,9 @@ class Services:
     """What a handler may use in the daemon (set up by the daemon, typed for mypy)."""
 
     def __init__(self, ctx: Context, ops: Lifecycle, devices: Devices, guest: Guest,
-                 volumes: Volumes, saves: Saves, migration: Migration) -> None:
+                 volumes: Volumes, saves: Saves, migration: Migration, stats: Stats) -> None:
         self.ctx = ctx
+        self.stats = stats
         self.saves = saves
         self.migration = migration
         self.ops = ops
@@ -75,6 +77,7 @@ class Services:
 
 
 Handler = Callable[[Services, Any, "Connection"], Awaitable[Any]]
+NowHandler = Callable[[Services, Any, "Connection"], Any]
 
 
 class ArgKind(enum.Enum):
@@ -126,6 +129,9 @@ class Verb:
     upgrade: bool = False                        # after the reply, raw bytes (console)
     # qvirsh's own steps for a verb that needs more than call-and-print (event, list, ...).
     cli: str | None = None
+    # A read answered inline, without a task, when the locks it reads are free: a plain
+    # function returning the result, or raising WouldWait (then `handler` answers).
+    now: NowHandler | None = None
 
 
 VERBS: dict[str, Verb] = {}
@@ -133,11 +139,13 @@ VERBS: dict[str, Verb] = {}
 
 def verb(name: str, summary: str, params: type[Params], *args: Arg,
          human: Callable[[Any], str] | None = None, stream: bool = False,
-         upgrade: bool = False, cli: str | None = None) -> Callable[[Handler], Handler]:
+         upgrade: bool = False, cli: str | None = None,
+         now: NowHandler | None = None) -> Callable[[Handler], Handler]:
     """Register the decorated handler as verb `name`."""
     def register(handler: Handler) -> Handler:
         assert name not in VERBS, f"verb {name} declared twice"
-        VERBS[name] = Verb(name, summary, params, handler, args, human, stream, upgrade, cli)
+        VERBS[name] = Verb(name, summary, params, handler, args, human, stream, upgrade, cli,
+                           now)
         return handler
     return register
 
@@ -162,6 +170,11 @@ class NameParams(Params):
 
 class ListParams(Params):
     all: bool = False
+    info: bool = False
+
+
+class DomstatsParams(Params):
+    names: Annotated[list[DomainIdent], Field(max_length=10000)] = []
 
 
 class DefineParams(Params):
@@ -362,16 +375,32 @@ async def _undefine(s: Services, p: UndefineParams, c: Connection) -> Any:
 
 @verb("list", "list domains (running ones, or --all)", ListParams,
       Arg("all", "--all", ArgKind.FLAG, help="include shut-off domains"),
-      human=lambda r: text.table(r, [("id", "Id"), ("name", "Name"), ("state", "State")]),
-      cli="list")
+      Arg("info", "--info", ArgKind.FLAG,
+          help="every domain's dominfo, in one call (the same fields)"),
+      human=lambda r: text.table(r, [("id", "Id"), ("name", "Name"), ("state", "State")]
+                                 + ([("reason", "Reason"), ("vcpus", "vCPUs"),
+                                     ("memory_mib", "MiB"), ("pid", "Pid")]
+                                    if r and "pid" in r[0] else [])),
+      cli="list", now=lambda s, p, c: s.ops.list_now(p.all, p.info))
 async def _list(s: Services, p: ListParams, c: Connection) -> Any:
-    return await s.ops.list(p.all)
+    return await s.ops.list(p.all, p.info)
 
 
 @verb("dominfo", "state and basic facts of one domain", NameParams, name_arg(),
-      human=text.key_values)
+      human=text.key_values, now=lambda s, p, c: s.ops.dominfo_now(p.name))
 async def _dominfo(s: Services, p: NameParams, c: Connection) -> Any:
     return await s.ops.dominfo(p.name)
+
+
+@verb("domstats", "state, CPU time, memory, block and network counters of every running "
+      "domain (or those named), in one call; a QEMU that does not answer is never waited "
+      "for: its counters come back marked stale", DomstatsParams,
+      Arg("names", "--domain", ArgKind.APPEND, metavar="NAME",
+          help="only this domain (repeatable); a named domain that is not running is "
+          "listed with its state only"),
+      human=text.domstats)
+async def _domstats(s: Services, p: DomstatsParams, c: Connection) -> Any:
+    return await s.stats.domstats(p.names, c.caller.owner("domstats"))
 
 
 @verb("domjobinfo", "the domain's current jobs: kind, phase, owner, elapsed", NameParams,

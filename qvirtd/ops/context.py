@@ -137,10 +137,12 @@ class Context:
             return job
 
     async def begin_job(self, dom: Domain, kind: JobKind, owner: str,
-                        nested: AsyncJob | None = None) -> Job:
-        """Take a sync job (prefer `job()`; this is for a job handed from task to task)."""
+                        nested: AsyncJob | None = None, timeout_s: float | None = None) -> Job:
+        """Take a sync job (prefer `job()`; this is for a job handed from task to task).
+        `timeout_s`: how long to wait for it (default job_wait_timeout_s; 0: not at all)."""
+        wait_s = self.settings.job_wait_timeout_s if timeout_s is None else timeout_s
         return await self._take(dom, dom.job, lambda: dom.job.acquire(
-            kind, owner, self.settings.job_wait_timeout_s, nested))
+            kind, owner, wait_s, nested))
 
     async def end_job(self, dom: Domain, job: Job | AsyncJob) -> None:
         async with dom.lock:  # L2: end the job under the domain lock
@@ -150,8 +152,9 @@ class Context:
 
     @asynccontextmanager
     async def job(self, dom: Domain, kind: JobKind, owner: str,
-                  nested: AsyncJob | None = None) -> AsyncIterator[Job]:
-        job = await self.begin_job(dom, kind, owner, nested)
+                  nested: AsyncJob | None = None,
+                  timeout_s: float | None = None) -> AsyncIterator[Job]:
+        job = await self.begin_job(dom, kind, owner, nested, timeout_s)
         try:
             yield job
         finally:

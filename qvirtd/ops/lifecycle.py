@@ -232,7 +232,10 @@ class Lifecycle:
 
     # --- queries (domain lock only, no job: they never wait for QEMU) --------------------
 
-    async def list(self, include_inactive: bool) -> list[dict[str, Any]]:
+    # Queries answer inline when the locks they read are free (`*_now`, no task, no await:
+    # WouldWait sends the request down the task path, the plain async method below).
+
+    async def list(self, include_inactive: bool, info: bool = False) -> list[dict[str, Any]]:
         ctx = self.ctx
         async with ctx.table.lock:  # L1: copy the table, then release
             doms = ctx.table.all()
@@ -240,14 +243,31 @@ class Lifecycle:
         for dom in doms:
             async with dom.lock:  # L3
                 if include_inactive or dom.active:
-                    out.append(dom.summary())
-        out.sort(key=lambda d: (d["id"] is None, d["id"] or 0, d["name"]))
-        return out
+                    out.append(dom.info() if info else dom.summary())
+        return _listed(out)
+
+    def list_now(self, include_inactive: bool,
+                 info: bool = False) -> builtins.list[dict[str, Any]]:
+        table = self.ctx.table
+        table.lock.read_now()  # L1, inline
+        out = []
+        for dom in table.all():
+            dom.lock.read_now()  # L3, inline
+            if include_inactive or dom.active:
+                out.append(dom.info() if info else dom.summary())
+        return _listed(out)
 
     async def dominfo(self, ident: str) -> dict[str, Any]:
         dom = await self.ctx.lookup(ident)
         async with dom.lock:  # L3
             return dom.info()
+
+    def dominfo_now(self, ident: str) -> dict[str, Any]:
+        table = self.ctx.table
+        table.lock.read_now()  # L1, inline
+        dom = table.find(ident)
+        dom.lock.read_now()  # L3, inline
+        return dom.info()
 
     def daemon_stats(self) -> dict[str, Any]:
         """Counters of the daemon itself (the RPC server adds its own `rpc` part)."""
@@ -517,3 +537,9 @@ class Lifecycle:
                 log.info("domain %s: raw QMP '%s' by %s", dom.name, command, owner)
             assert monitor is not None
             return await monitor.execute_raw(message)
+
+
+def _listed(out: builtins.list[dict[str, Any]]) -> builtins.list[dict[str, Any]]:
+    """Running domains by id, then the others by name (as `virsh list`)."""
+    out.sort(key=lambda d: (d["id"] is None, d["id"] or 0, d["name"]))
+    return out

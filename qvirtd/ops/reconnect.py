@@ -47,7 +47,7 @@ from ..qemu.process import (
     process_binary,
 )
 from ..run import Run
-from ..status import DomainStatus, FoundStatus, scan_statuses
+from ..status import DomainStatus, FoundStatus, JobRecord, scan_statuses
 from . import qmp_events
 from .context import Context
 from .devices import reconcile
@@ -73,26 +73,24 @@ def our_process(pid: int | None, start_time: int | None, binary: str | None) -> 
     return process if process.alive else None
 
 
-def _started(status: DomainStatus) -> bool:
+def _started(job: JobRecord | None) -> bool:
     """False when the status file records a start that did not finish."""
-    return status.async_job is None or status.async_job.kind != AsyncJobKind.START
+    return job is None or job.kind != AsyncJobKind.START
 
 
-def _incoming(status: DomainStatus) -> str | None:
+def _incoming(job: JobRecord | None) -> str | None:
     """"restore" or "migration" for a start that received a guest, else None."""
-    job = status.async_job
     if job is None or job.kind != AsyncJobKind.START:
         return None
     kind = job.data.get("incoming", "restore" if "restore" in job.data else None)
     return str(kind) if kind else None
 
 
-def _incoming_loaded(status: DomainStatus) -> bool:
+def _incoming_loaded(job: JobRecord | None) -> bool:
     """A start whose QEMU had loaded a saved or migrated guest: never rolled back (the QEMU
     may hold the only copy of the guest: a managed image may be gone, the source may have
     stopped). A restore is finished; a migration waits for its source's word."""
-    job = status.async_job
-    return _incoming(status) is not None and job is not None and \
+    return _incoming(job) is not None and job is not None and \
         job.phase in ("loaded", "resume")
 
 
@@ -195,7 +193,7 @@ class Reconnector:
                     log.warning("domain %s: removing the partial save file %s", dom.name,
                                 partial)
                     await ctx.writer.remove(partial, durable=False)
-            if not _started(status) and not _incoming_loaded(status):
+            if not _started(job_record) and not _incoming_loaded(job_record):
                 # Killed between writing the record and learning the pid, or during the
                 # start: whatever QEMU names this run directory is that half-started run.
                 for pid in self._using(run_dir, processes):
@@ -232,7 +230,8 @@ class Reconnector:
         """Holding the "reconnect" job: finish, roll back or re-establish the run."""
         ctx = self.ctx
         try:
-            cut_short = not _started(status) and not _incoming_loaded(status)
+            record = status.async_job
+            cut_short = not _started(record) and not _incoming_loaded(record)
             if cut_short or run.stop_reason is not None:
                 async with dom.lock:  # L3
                     if dom.run is not run:
@@ -247,22 +246,33 @@ class Reconnector:
             if not await self._establish(dom, run):
                 ctx.spawn(self._keep_trying(dom, run), f"monitor-retry-{dom.name}", run)
                 return
-            await self._finish_job(dom, run, status)
+            await self._finish_job(dom, run)
         except QvirtError as exc:
             log.error("domain %s: reconnect failed: %s", dom.name, exc)
         finally:
             await ctx.end_job(dom, job)
 
-    async def _finish_job(self, dom: Domain, run: Run, status: DomainStatus) -> None:
+    async def _finish_job(self, dom: Domain, run: Run) -> None:
         """Holding the reconnect job, the monitor connected: finish or undo the async job
-        the previous daemon was doing (docs/design.md has the table)."""
-        record = status.async_job
+        the previous daemon was doing (docs/design.md has the table). Its record stays in
+        the status file (`run.pending_job`) until that is done, however many restarts and
+        frozen QEMUs come between."""
+        record = run.pending_job
+        try:
+            await self._finish(dom, run, record)
+        finally:
+            async with dom.lock:  # L3
+                if dom.run is run and run.pending_job is record and record is not None:
+                    run.pending_job = None
+                    self.ctx.save_status(dom, run)
+
+    async def _finish(self, dom: Domain, run: Run, record: JobRecord | None) -> None:
         if await self.migration.resume_source(dom, run, record):
             return
         if record is None:
             return
-        if _incoming_loaded(status):
-            kind = _incoming(status)
+        if _incoming_loaded(record):
+            kind = _incoming(record)
             paused = bool(record.data.get("paused"))
             if kind == "migration" and record.phase == "loaded":
                 log.info("domain %s: the incoming migration was loaded: paused until its "
@@ -335,6 +345,7 @@ class Reconnector:
                         if dom.run is not run:
                             return
                     if await self._establish(dom, run):
+                        await self._finish_job(dom, run)
                         return
             except QvirtError as exc:
                 log.warning("domain %s: reconnect retry: %s", dom.name, exc)

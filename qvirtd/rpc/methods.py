@@ -15,7 +15,8 @@ from ..verbs import VERBS, Caller, EventParams, Params, Services
 if TYPE_CHECKING:
     from .server import Connection
 
-__all__ = ["Caller", "EventParams", "Method", "Params", "build_methods", "upgrade_methods"]
+__all__ = ["Caller", "EventParams", "Method", "Params", "build_methods", "now_methods",
+           "upgrade_methods"]
 
 Handler = Callable[[Any, Caller], Awaitable[Any]]
 ConnectionHandler = Callable[["Connection", Any], Awaitable[Any]]
@@ -31,6 +32,17 @@ class Method:
 def upgrade_methods() -> frozenset[str]:
     """The methods after whose reply the connection carries raw bytes (console)."""
     return frozenset(name for name, v in VERBS.items() if v.upgrade)
+
+
+def now_methods(svc: Services) -> dict[str, tuple[type[Params], Callable[[Connection, Any], Any]]]:
+    """The verbs that can answer inline (`now=`): their params model and plain function."""
+    table: dict[str, tuple[type[Params], Callable[[Connection, Any], Any]]] = {}
+    for name, v in VERBS.items():
+        if v.now is not None:
+            def bound(conn: Connection, p: Any, now: Any = v.now) -> Any:
+                return now(svc, p, conn)
+            table[name] = (v.params, bound)
+    return table
 
 
 def build_methods(svc: Services) -> dict[str, tuple[type[Params], ConnectionHandler]]:

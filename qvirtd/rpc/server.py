@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import resource
 import socket
@@ -46,9 +45,11 @@ from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Protocol
 
 from pydantic import ValidationError
+from pydantic_core import from_json, to_json
 
 from ..config import Settings
 from ..errors import QvirtError, describe_validation_error
+from ..locks import WouldWait
 from ..tls import HANDSHAKE_S, PEER_METHODS, peer_name
 from .limits import FREE_FORM_PARAMS, MAX_JSON_DEPTH, nested_deeper_than
 from .methods import Caller, Method, Params
@@ -81,6 +82,9 @@ MAX_REFUSED_LINGERING = 16
 
 # A method that needs the connection itself (it streams to it): params model and handler.
 ConnectionMethod = tuple[type[Params], Callable[["Connection", Any], Awaitable[Any]]]
+# A read answered inline when the locks it reads are free (verbs.py, `now=`): params model
+# and a plain function that returns the result or raises WouldWait.
+NowMethod = tuple[type[Params], Callable[["Connection", Any], Any]]
 
 
 class Upgrade(Protocol):
@@ -110,7 +114,20 @@ def error_reply(req_id: Any, code: int, message: str, kind: str | None = None) -
 
 
 def encode(obj: Any) -> bytes:
-    return json.dumps(obj, separators=(",", ":")).encode() + b"\n"
+    """One message line. pydantic-core's encoder (Rust): a quarter of json.dumps' time."""
+    return to_json(obj) + b"\n"
+
+
+def decode(line: bytes) -> Any:
+    """One received line, parsed (pydantic-core's parser, a fifth of json.loads' time).
+    ValueError names what is wrong; nesting deeper than its recursion limit (200, far above
+    MAX_JSON_DEPTH) is a RecursionError, as json.loads would raise."""
+    try:
+        return from_json(line)
+    except ValueError as exc:
+        if "recursion limit" in str(exc):
+            raise RecursionError(str(exc)) from None
+        raise
 
 
 def raise_fd_limit() -> None:
@@ -301,8 +318,8 @@ class Connection:
                     break
                 self.last_active = loop.time()
                 try:
-                    msg = json.loads(line)
-                except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+                    msg = decode(line)
+                except ValueError as exc:
                     if not line.strip():
                         continue
                     bad += 1
@@ -401,8 +418,33 @@ class Connection:
                 f"max_requests_in_flight) and none finished within {CAP_WAIT_S:g} s: wait "
                 "for a reply first")))
             return True
+        if self.allowed is None:
+            now = self.server.now_methods.get(msg["method"])
+            if now is not None and self._answer_now(msg, req_id, now):
+                return True
         self.running += 1
         self.server.spawn(self._run(msg, req_id, "id" in msg))
+        return True
+
+    def _answer_now(self, msg: dict[str, Any], req_id: Any, now: NowMethod) -> bool:
+        """A read that can be answered inline (no task, no await): True if it was. False if
+        a lock it reads is held (WouldWait): the request then takes the task path."""
+        server = self.server
+        params = server.params(msg, now[0], req_id)
+        if isinstance(params, dict):
+            reply = params  # the error reply
+        else:
+            try:
+                reply = {"jsonrpc": "2.0", "id": req_id, "result": now[1](self, params)}
+            except WouldWait:
+                return False
+            except QvirtError as exc:
+                reply = error_reply(req_id, OPERATION_FAILED, str(exc), exc.kind)
+            except Exception as exc:
+                log.exception("method %s failed", msg["method"])
+                reply = error_reply(req_id, INTERNAL_ERROR, f"internal error: {exc}")
+        if "id" in msg:
+            self._reply(reply, req_id)
         return True
 
     async def _run(self, msg: dict[str, Any], req_id: Any, wants_reply: bool) -> None:
@@ -428,8 +470,10 @@ class RpcServer:
                  max_in_flight: int,
                  connection_methods: dict[str, ConnectionMethod] | None = None,
                  write_timeout_s: float = 10.0, *, settings: Settings | None = None,
-                 upgrade_methods: frozenset[str] = frozenset()) -> None:
+                 upgrade_methods: frozenset[str] = frozenset(),
+                 now_methods: dict[str, NowMethod] | None = None) -> None:
         self.methods = methods
+        self.now_methods = dict(now_methods or {})
         self.upgrade_methods = upgrade_methods
         self.max_message_bytes = max_message_bytes
         self.max_in_flight = max_in_flight
@@ -542,16 +586,12 @@ class RpcServer:
             "tasks": len(asyncio.all_tasks()),
         }
 
-    async def dispatch(self, conn: Connection, msg: dict[str, Any], req_id: Any) -> dict[str, Any]:
+    @staticmethod
+    def params(msg: dict[str, Any], model: type[Params],
+               req_id: Any) -> Params | dict[str, Any]:
+        """The request's params, validated by `model`; or the error reply naming what is
+        wrong."""
         name = msg["method"]
-        method = self.methods.get(name)
-        conn_method = self.connection_methods.get(name)
-        if method is None and conn_method is None:
-            return error_reply(req_id, METHOD_NOT_FOUND, f"unknown method '{name}'")
-        if conn.allowed is not None and name not in conn.allowed:
-            return error_reply(req_id, METHOD_NOT_FOUND,
-                               f"method '{name}' is not available over TLS (peer daemons "
-                               f"may call {', '.join(sorted(conn.allowed))})")
         raw_params = msg.get("params", {})
         if raw_params is None:
             raw_params = {}
@@ -564,12 +604,26 @@ class RpcServer:
                 return error_reply(req_id, INVALID_PARAMS,
                                    f"invalid params for '{name}': {key}: nested more than "
                                    f"{MAX_JSON_DEPTH} levels deep (the limit)")
-        model = method.params if method is not None else conn_method[0]  # type: ignore[index]
         try:
-            params = model.model_validate(raw_params)
+            return model.model_validate(raw_params)
         except ValidationError as exc:
             return error_reply(req_id, INVALID_PARAMS,
                                f"invalid params for '{name}': {describe_validation_error(exc)}")
+
+    async def dispatch(self, conn: Connection, msg: dict[str, Any], req_id: Any) -> dict[str, Any]:
+        name = msg["method"]
+        method = self.methods.get(name)
+        conn_method = self.connection_methods.get(name)
+        if method is None and conn_method is None:
+            return error_reply(req_id, METHOD_NOT_FOUND, f"unknown method '{name}'")
+        if conn.allowed is not None and name not in conn.allowed:
+            return error_reply(req_id, METHOD_NOT_FOUND,
+                               f"method '{name}' is not available over TLS (peer daemons "
+                               f"may call {', '.join(sorted(conn.allowed))})")
+        model = method.params if method is not None else conn_method[0]  # type: ignore[index]
+        params = self.params(msg, model, req_id)
+        if isinstance(params, dict):
+            return params
         try:
             if conn_method is not None:
                 result = await conn_method[1](conn, params)

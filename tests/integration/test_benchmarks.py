@@ -24,13 +24,19 @@ def run_quick(script: str) -> dict:  # type: ignore[type-arg]
     return json.loads(doc)  # type: ignore[no-any-return]
 
 
-@pytest.mark.parametrize("script", ["bench_events.py", "bench_compare.py"])
+@pytest.mark.parametrize("script", ["bench_events.py", "bench_compare.py", "bench_queries.py"])
 def test_benchmark_runs_in_quick_mode(script: str) -> None:
     result = run_quick(script)
     assert result["machine"]["cores"] and result["date"] and "--quick" in result["command"]
     if script == "bench_events.py":
         assert result["latency"]["samples"] > 0
         assert result["throughput"]["events"] > 0
+    elif script == "bench_queries.py":
+        q, b = result["queries"], result["bulk"]
+        for server in ("qvirtd", "floor_stdlib", "floor_pydantic-core"):
+            assert q[server]["cpu_us"] >= 0 and q[server]["per_s"]["8"] > 0
+        assert b["list_all_info"]["wall_ms"] > 0 and b["domstats"]["wall_ms"] > 0
+        assert b["frozen_marked_stale"] is True
     else:
         assert set(result["start"]) == {"1", "3"} and result["queries"]["8"] > 0
         assert result["frozen"]["destroy_s"] > 0 and result["memory"]["rss_kib"] > 0

@@ -21,6 +21,7 @@ import pytest
 from qvirtd.client import Client, RpcError
 from qvirtd.config import Settings
 from qvirtd.events import EventBus
+from qvirtd.locks import TrackedLock
 from qvirtd.rpc.methods import Caller, EventParams, Method, Params
 from qvirtd.rpc.server import Connection, RpcServer
 from qvirtd.rpc.streams import subscribe_events
@@ -43,8 +44,10 @@ class DefineParams(Params):
 
 
 class Harness:
-    def __init__(self, server: RpcServer, path: Path, bus: EventBus) -> None:
+    def __init__(self, server: RpcServer, path: Path, bus: EventBus,
+                 lock: TrackedLock) -> None:
         self.server = server
+        self.lock = lock  # what `peek` reads
         self.path = path
         self.bus = bus
         self.finished: list[str] = []
@@ -121,22 +124,32 @@ async def serving(max_in_flight: int = 32, max_message_bytes: int = 64 * 1024,
     async def stats(p: Params, c: Caller) -> Any:
         return {"events": {"subscribers": bus.subscriber_count}}
 
+    lock = TrackedLock("peeked")
+
+    async def peek(p: Params, c: Caller) -> Any:
+        async with lock:
+            return "waited"
+
+    def peek_now(conn: Connection, p: Params) -> Any:
+        lock.read_now()
+        return "inline"
+
     async def event(conn: Connection, p: EventParams) -> Any:
         return await subscribe_events(bus, conn, p.domain, p.events, p.since_seq)
 
     methods = {"echo": Method(EchoParams, echo, ""), "sleep": Method(SleepParams, sleep, ""),
                "big": Method(BigParams, big, ""), "define": Method(DefineParams, define, ""),
-               "daemon-stats": Method(Params, stats, "")}
+               "daemon-stats": Method(Params, stats, ""), "peek": Method(Params, peek, "")}
     server = RpcServer(methods, max_message_bytes, max_in_flight,
                        {"event": (EventParams, event)}, write_timeout_s,
-                       settings=Settings(**settings))
+                       settings=Settings(**settings), now_methods={"peek": (Params, peek_now)})
     path = tmp / "s.sock"
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.bind(str(path))
     sock.listen(128)
     sock.setblocking(False)
     await server.start(sock)
-    harness = Harness(server, path, bus)
+    harness = Harness(server, path, bus, lock)
     try:
         yield harness
     finally:
@@ -175,9 +188,12 @@ async def test_free_form_params_are_limited_to_64_levels() -> None:
                 await client.call("define", {"definition": nested(65)})
             assert err.value.code == -32602
             assert "definition" in str(err.value) and "64" in str(err.value)
-            with pytest.raises(RpcError) as err:  # deep, but within what json can parse
-                await client.call("define", {"definition": nested(900)})
+            with pytest.raises(RpcError) as err:  # deep, but within what the parser takes
+                await client.call("define", {"definition": nested(150)})
             assert err.value.code == -32602
+            with pytest.raises(RpcError) as err:  # beyond it (200): refused while parsing
+                await client.call("define", {"definition": nested(900)})
+            assert err.value.code == -32700 and "nested too deep" in str(err.value)
         finally:
             await client.close()
 
@@ -356,3 +372,21 @@ async def test_daemon_stats_gets_the_rpc_counters() -> None:
             assert {"outbound_bytes", "cut_off", "refused", "idle_closed", "tasks"} <= set(rpc)
         finally:
             await client.close()
+
+
+async def test_a_read_is_answered_inline_unless_its_lock_is_held() -> None:
+    """`now=` methods answer without a task while the lock they read is free; while a task
+    holds it (half-way through a change) the request waits for it like any other."""
+    async with serving() as h:
+        s = h.raw()
+        s.sendall(request("peek", req_id=1) + request("peek", {"x": 1}, req_id=2))
+        first, bad = await read_lines(s, count=2)
+        assert first["result"] == "inline" and not h.server._tasks
+        assert bad["id"] == 2 and "x" in bad["error"]["message"]  # validated as ever
+        await h.lock.acquire()
+        s.sendall(request("peek", req_id=3))
+        assert await read_lines(s, 0.3) == []
+        h.lock.release()
+        assert (await read_lines(s, count=1))[0] == {"jsonrpc": "2.0", "id": 3,
+                                                      "result": "waited"}
+

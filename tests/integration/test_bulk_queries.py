@@ -1,0 +1,67 @@
+"""A whole host in one call (issue 12): `list --all --info` and `domstats`, against real QEMU.
+
+`domstats` never waits for a QEMU that does not answer: a stopped one comes back at once,
+with its last block counters marked stale (how fast is measured in benchmarks/, not here).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+from harness import Daemon, tiny_definition, wait_for
+
+
+def test_list_info_and_domstats_cover_every_domain(daemon: Daemon, tmp_path: Path) -> None:
+    disk = tmp_path / "d.img"
+    with open(disk, "wb") as f:
+        f.truncate(8 << 20)
+    daemon.define(tiny_definition("s1", disks=[{"id": "vda", "path": str(disk)}]))
+    daemon.define(tiny_definition("s2"))
+    daemon.define(tiny_definition("off"))
+    daemon.qvirsh("start", "s1")
+    daemon.qvirsh("start", "s2")
+
+    listed = daemon.json("list", "--all", "--info")
+    assert [d["name"] for d in listed] == ["s1", "s2", "off"]
+    for d in listed:  # the same fields as dominfo, one call
+        assert d == daemon.json("dominfo", d["name"])
+    out = daemon.qvirsh("list", "--all", "--info").stdout
+    assert "Pid" in out and "off" in out
+
+    stats = daemon.json("domstats")["domains"]
+    assert [d["name"] for d in stats] == ["s1", "s2"]
+    s1 = stats[0]
+    assert s1["state"] == "running" and s1["stale"] is False
+    assert s1["cpu_time_ns"] > 0 and s1["memory"]["rss_kib"] > 0
+    assert s1["memory"]["max_mib"] == 64 and s1["vcpus"] == 1
+    assert [b["id"] for b in s1["block"]] == ["vda"]
+    assert s1["block"][0]["rd_bytes"] >= 0
+    only = daemon.json("domstats", "--domain", "off", "--domain", "s2")["domains"]
+    assert [(d["name"], d["state"]) for d in only] == [("off", "shutoff"), ("s2", "running")]
+    assert "cpu_time_ns" not in only[0]
+
+    pid = daemon.json("dominfo", "s1")["pid"]
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        t = time.monotonic()
+        frozen = daemon.json("domstats")["domains"]
+        took = time.monotonic() - t
+        s1, s2 = frozen
+        assert s1["stale"] is True and "stopped" in s1["stale_reason"], s1
+        assert [b["id"] for b in s1["block"]] == ["vda"] and s1["block_age_s"] >= 0
+        assert s2["stale"] is False
+        # Not a speed check: a call that waited for the frozen QEMU would take its
+        # monitor_timeout_s (10 s).
+        assert took < 5, took
+        assert daemon.json("dominfo", "s1")["job"]["job"] is None  # no query left behind
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    wait_for(lambda: daemon.json("domstats", "--domain", "s1")["domains"][0]["stale"] is False,
+             10, "fresh stats once thawed")
+    human = daemon.qvirsh("domstats").stdout
+    assert "s1" in human and "RSS MiB" in human
+    daemon.qvirsh("destroy", "s1")
+    daemon.qvirsh("destroy", "s2")
