@@ -12,6 +12,7 @@ import uvloop
 from . import __version__
 from .config import ConfigError, resolve
 from .daemon import Daemon
+from .logs import logging_off_the_loop
 from .rootlock import StartRefused, take_root
 
 
@@ -32,12 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     except StartRefused as exc:
         print(f"qvirtd: {exc}", file=sys.stderr)
         return 1
-    logging.basicConfig(
-        level=getattr(logging, settings.log_level.upper()),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    with root_lock:
+    with root_lock, logging_off_the_loop(getattr(logging, settings.log_level.upper())):
         try:
             return int(uvloop.run(Daemon(settings, layout).run()))
         except ConfigError as exc:  # the socket could not be made (bind_socket)

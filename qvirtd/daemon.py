@@ -33,7 +33,7 @@ from .ops.runtime import Runtime
 from .ops.saves import Saves
 from .ops.stats import Stats
 from .ops.volumes import Volumes
-from .qemu.monitor import quieten_library_logging
+from .qemu.monitor import quieten_library_logging, warm_sources
 from .qemu.unixpath import short_path
 from .rpc.methods import build_methods, now_methods, upgrade_methods
 from .rpc.server import RpcServer
@@ -152,8 +152,12 @@ class Daemon:
 
     async def run(self) -> int:
         if self.settings.loop_watch_ms > 0:  # rule L6, watched from a thread
-            self.ctx.loop_watch = LoopWatch(self.settings.loop_watch_ms / 1000,
-                                            interval_s=0.005, idle_interval_s=0.02)
+            # Look 8 times per threshold (5 ms at most, 25 at least): the watch costs the
+            # loop in proportion (docs/design.md, Checking L6).
+            threshold = self.settings.loop_watch_ms / 1000
+            interval = min(max(threshold / 8, 0.005), 0.025)
+            self.ctx.loop_watch = LoopWatch(threshold, interval_s=interval,
+                                            idle_interval_s=max(interval, 0.02))
             self.ctx.loop_watch.start(asyncio.get_running_loop())
         try:
             return await self._run()
@@ -164,6 +168,7 @@ class Daemon:
     async def _run(self) -> int:
         LockWatch.strict = self.settings.lock_check
         quieten_library_logging(self.settings.log_level == "debug")
+        await asyncio.to_thread(warm_sources)
         self._prepare_dirs()
         await self._load_definitions()
         sd_notify("STATUS=finding running domains")

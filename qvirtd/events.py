@@ -24,12 +24,12 @@ import asyncio
 import collections
 import datetime
 import itertools
-import json
 import logging
 from collections.abc import Callable, Iterable
 from typing import Any
 
 from pydantic import BaseModel
+from pydantic_core import to_json
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +57,8 @@ class Event(BaseModel):
         """The `event` notification line, encoded once however many subscribers get it."""
         cached: bytes | None = self.__dict__.get("_notification")
         if cached is None:
-            cached = json.dumps({"jsonrpc": "2.0", "method": "event", "params": self.wire()},
-                                separators=(",", ":")).encode() + b"\n"
+            cached = to_json({"jsonrpc": "2.0", "method": "event",
+                              "params": self.wire()}) + b"\n"
             self.__dict__["_notification"] = cached
         return cached
 

@@ -494,7 +494,8 @@ class Lifecycle:
             await ctx.qmp(dom, run, command, what=owner.split(" ")[0])
             async with dom.lock:  # L5
                 ctx.ensure_current(dom, run, command)
-                if after is not None:
+                # Mostly QEMU's event (STOP, RESUME) has set it already, status file and all.
+                if after is not None and (dom.state, dom.reason) != after[:2]:
                     ctx.set_state(dom, after[0], after[1], after[2])
                 log.info("domain %s: %s by %s", dom.name, command, owner)
                 return dom.info()
