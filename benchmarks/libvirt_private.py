@@ -61,7 +61,10 @@ class PrivateLibvirtd:
     def __init__(self) -> None:
         ensure_installed()
         ensure_user()
-        self.base = Path(tempfile.mkdtemp(prefix="qvlv-", dir="/tmp"))
+        # Where qvirtd's benchmark root is (common.Qvirtd): tmpfs unless QVIRTD_BENCH_DIR
+        # says otherwise, so both daemons write their status files to the same kind of disk.
+        where = os.environ.get("QVIRTD_BENCH_DIR", "/dev/shm")
+        self.base = Path(tempfile.mkdtemp(prefix="qvlv-", dir=where))
         for name in MOUNTS:
             (self.base / name).mkdir()
         shutil.copytree("/etc/libvirt", self.base / "etc", dirs_exist_ok=True)

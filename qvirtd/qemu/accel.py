@@ -6,8 +6,10 @@
   start ("failed to set MSR 0x10a"). So the first KVM start probes `-cpu host` once (a QEMU
   that starts paused, answers QMP and quits) and, if it dies, uses
   `host,arch-capabilities=off`, which such hosts accept. The answer is kept for the daemon's
-  life. The probe runs in a worker thread (rule L6); two starts racing to be first may
-both probe, which is harmless.
+  life. The probe runs in a worker thread (rule L6), once: the first KVM start begins it, and
+  starts that come meanwhile wait for that one probe (50 concurrent first starts used to
+  probe 50 times at once). It is not begun at daemon start: a daemon that runs only TCG
+  guests, or none, would pay two QEMU spawns for nothing.
 """
 
 from __future__ import annotations
@@ -30,6 +32,9 @@ CPU_HOST_NO_ARCH_CAPS = "host,arch-capabilities=off"
 PROBE_TIMEOUT_S = 20.0
 
 _cpu_models: dict[str, str] = {}
+# The probe under way per binary, shared by whoever asks meanwhile (it ends by itself, within
+# 2 x PROBE_TIMEOUT_S; a caller that is cancelled leaves it to the others).
+_probing: dict[str, asyncio.Future[str]] = {}
 
 
 def kvm_usable() -> bool:
@@ -90,10 +95,19 @@ def probe_kvm_cpu(qemu_binary: str) -> str:
 async def kvm_cpu_model(qemu_binary: str) -> str:
     """The CPU model for KVM runs of `qemu_binary`, probed once (off the loop)."""
     cached = _cpu_models.get(qemu_binary)
-    if cached is None:
-        cached = await asyncio.to_thread(probe_kvm_cpu, qemu_binary)
-        _cpu_models[qemu_binary] = cached
-    return cached
+    if cached is not None:
+        return cached
+    probe = _probing.get(qemu_binary)
+    if probe is None:
+        probe = asyncio.ensure_future(asyncio.to_thread(probe_kvm_cpu, qemu_binary))
+        _probing[qemu_binary] = probe
+
+        def done(fut: asyncio.Future[str]) -> None:
+            _probing.pop(qemu_binary, None)
+            if not fut.cancelled() and fut.exception() is None:
+                _cpu_models[qemu_binary] = fut.result()
+        probe.add_done_callback(done)
+    return await asyncio.shield(probe)
 
 
 async def cpu_model(accel: str, qemu_binary: str) -> str | None:
