@@ -48,9 +48,11 @@ clean:
 
 bench: setup
 	$(PY) benchmarks/bench_compare.py
+	$(PY) benchmarks/bench_queries.py
 	$(PY) benchmarks/bench_events.py
 
 # The same, plus Debian's libvirt measured in the same run (installs libvirt itself).
 bench-libvirt: setup
 	$(PY) benchmarks/bench_compare.py --libvirt
+	$(PY) benchmarks/bench_queries.py --libvirt
 	$(PY) benchmarks/bench_events.py
