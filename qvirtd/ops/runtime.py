@@ -739,6 +739,7 @@ class Runtime:
                 await self._on_qmp_event(dom, run, name, data, qemu_time)
             except Exception:
                 log.exception("domain %s: handling QMP event %s failed", dom.name, name)
+            self.ctx.bus.deliver_now()  # no lock held here (E1)
 
     async def _on_qmp_event(self, dom: Domain, run: Run, name: str,
                             data: dict[str, Any], qemu_time: float | None) -> None:

@@ -117,9 +117,13 @@ class Stats:
         taps = sorted({n["ifname"] for e in entries for n in e.out["net"] if n["ifname"]})
         host, tap_counters = await asyncio.to_thread(_read_all, [e.pid for e in entries], taps)
         # A stopped QEMU is not asked (its answer could not come before SIGCONT).
+        out_before = {e.dom.name for e in entries if e.run.stats_query is not None
+                      and not e.run.stats_query.done()}
         asking = {e.dom.name: self._ask(e) for e in entries
                   if host[e.pid].state not in ("T", "t")}
-        waiting = {t for t in asking.values() if t is not None}
+        # Only this call's queries are waited for: one still unanswered from an earlier
+        # call is a QEMU that did not answer then, and is not waited for again.
+        waiting = {t for name, t in asking.items() if t is not None and name not in out_before}
         if waiting:
             await asyncio.wait(waiting, timeout=ctx.settings.stats_timeout_s)
         now = time.monotonic()
@@ -136,6 +140,8 @@ class Stats:
                 why = "QEMU is stopped (SIGSTOP or a debugger)"
             elif task is None:
                 why = e.run.stats_busy or "a QUERY job could not be taken"
+            elif e.dom.name in out_before and not task.done():
+                why = "QEMU has not answered the previous call's query yet"
             elif not task.done():
                 why = f"QEMU did not answer within {ctx.settings.stats_timeout_s:g} s"
             elif e.run.stats_error is not None:

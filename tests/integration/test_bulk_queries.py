@@ -6,14 +6,18 @@ with its last block counters marked stale (how fast is measured in benchmarks/, 
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
 from pathlib import Path
+from typing import Any
 
 from harness import Daemon, tiny_definition, wait_for
 
 from qvirtd.qemu.process import proc_state
+
+FAKE_QEMU = str(Path(__file__).resolve().parent / "fake_qemu" / "qemu-system-fake")
 
 
 def test_list_info_and_domstats_cover_every_domain(daemon: Daemon, tmp_path: Path) -> None:
@@ -71,3 +75,21 @@ def test_list_info_and_domstats_cover_every_domain(daemon: Daemon, tmp_path: Pat
     assert "s1" in human and "RSS MiB" in human
     daemon.qvirsh("destroy", "s1")
     daemon.qvirsh("destroy", "s2")
+
+
+def test_domstats_waits_once_for_a_qemu_that_does_not_answer(daemon_factory: Any) -> None:
+    """A QEMU that runs but does not answer (a scripted QMP peer: real QEMU cannot be made
+    to hang on cue, and a SIGSTOPped one is never asked, above): the first call waits
+    stats_timeout_s for it; later calls do not wait while that query is still out."""
+    daemon: Daemon = daemon_factory(
+        {"qemu_binary": FAKE_QEMU, "monitor_timeout_s": 30.0, "stats_timeout_s": 0.3},
+        env={"QVIRTD_FAKE_QEMU": json.dumps({"hang": {"query-blockstats": 1}})})
+    daemon.define(tiny_definition("hung", accel="tcg"))
+    daemon.qvirsh("start", "hung")
+    first = daemon.json("domstats")["domains"][0]
+    assert first["stale"] and "did not answer within 0.3 s" in first["stale_reason"], first
+    second = daemon.json("domstats")["domains"][0]
+    assert second["stale"] and "previous call's query" in second["stale_reason"], second
+    # The query still holds its QUERY job; queries and destroy go on beside it.
+    assert "domstats" in daemon.json("dominfo", "hung")["job"]["job"]
+    daemon.qvirsh("destroy", "hung")

@@ -236,7 +236,8 @@ async def test_reboot_survives_a_stuck_reset_and_a_daemon_kill(daemon_factory: A
              "the reboot to complete after the restart")
     commands = [json.loads(line)["execute"] for line in log.read_text().splitlines()]
     assert commands.count("system_reset") >= 4, commands  # three hung, then one worked
-    assert follow_ups() == []
+    # The status file follows the state a moment later (written by the writer thread).
+    wait_for(lambda: follow_ups() == [], 10, "the follow-up to leave the status file")
     daemon.qvirsh("destroy", "fake")
 
 
