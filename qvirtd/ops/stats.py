@@ -164,6 +164,9 @@ class Stats:
             return run.stats_query
         dom = e.dom
         job = dom.job
+        if run.starting or run.monitor is None or run.monitor.closed:
+            run.stats_busy = "the domain is starting (or its monitor is not connected)"
+            return None
         if dom.lock.locked() or not job.can_start_now(JobKind.QUERY):
             run.stats_busy = f"busy: {describe_blocker(dom)}"
             return None

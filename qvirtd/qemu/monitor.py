@@ -166,6 +166,7 @@ class Monitor:
         self._listeners: set[QmpListener] = set()
         self._client.register_listener(_ForwardingListener(on_event, self._listeners))
         self._closed = False
+        self._connected = False  # negotiated: commands may be sent
         self._lost_reported = False
         self._watch: asyncio.Task[None] | None = None
         self._connecting: asyncio.Future[None] | None = None  # the library's connect()
@@ -194,6 +195,7 @@ class Monitor:
             raise MonitorClosedError(
                 f"domain '{self.domain_name}': cannot connect to the QEMU monitor: "
                 f"{exc}") from exc
+        self._connected = True
         self._watch = asyncio.create_task(self._watch_connection(),
                                           name=f"monitor-watch-{self.domain_name}")
 
@@ -261,6 +263,12 @@ class Monitor:
             if self._closed:
                 raise MonitorClosedError(f"domain '{self.domain_name}': the QEMU monitor is "
                                          f"closed ('{command}' not sent)")
+            if not self._connected:
+                # A command beside the start's connect (a QUERY job may run then): refused,
+                # and the connection is not taken for broken (the library would raise
+                # for a client that is not connected yet, which closed the monitor).
+                raise MonitorError(f"domain '{self.domain_name}': the QEMU monitor is not "
+                                   f"connected yet ('{command}' not sent)", "NotConnected")
         except BaseException:
             call.close()  # never awaited: close it so Python does not warn
             raise

@@ -11,7 +11,13 @@ from qemu.qmp.message import Message
 
 from qvirtd.config import Layout, Settings
 from qvirtd.domain import Domain
-from qvirtd.errors import DomainGoneError, LockDisciplineError, MonitorClosedError, NoDomainError
+from qvirtd.errors import (
+    DomainGoneError,
+    LockDisciplineError,
+    MonitorClosedError,
+    MonitorError,
+    NoDomainError,
+)
 from qvirtd.job import JobKind
 from qvirtd.locks import LockWatch
 from qvirtd.model import DomainDef
@@ -145,3 +151,12 @@ def test_a_run_directory_belongs_to_one_run_at_a_time() -> None:
         table.claim_run_dir(new)
     table.release_run_dir(old)  # the old run's teardown is complete
     table.claim_run_dir(new)
+
+
+async def test_a_command_before_the_monitor_is_connected_does_not_break_it() -> None:
+    """A QUERY job may run beside a start's connect (domstats did): its command is refused,
+    and the monitor is not taken for closed (it was, and the start then failed)."""
+    monitor = Monitor("vm", lambda name, data, when: None, lambda: None, 1.0)
+    with pytest.raises(MonitorError, match="not connected yet"):
+        await monitor.execute("query-blockstats")
+    assert not monitor.closed
