@@ -23,7 +23,9 @@ One client can never hurt the daemon or the other clients:
   `client_idle_timeout_s` is closed;
 * every request runs as its own task, so a client that disconnects does not cancel an
   operation half-way (the reply is simply dropped); everything else the connection owns
-  (subscriptions, replay tasks, its writer) ends with it.
+  (subscriptions, replay tasks, its writer) ends with it. Except reads that can answer at
+  once (a verb's `now=`: `dominfo`, `list`): while the locks they read are free they are
+  answered inline, with no task and no await (docs/design.md, "Inline reads").
 
 A method in `upgrade_methods` (`console`) turns the connection into a raw byte stream: the
 daemon stops reading JSON as soon as it sees the request, runs it inline, sends its reply
