@@ -51,14 +51,20 @@ def lifecycle(daemon: Daemon, name: str) -> list[str]:
 
 
 def state_of(daemon: Daemon, name: str) -> str | None:
-    """The domain's state there, None if that daemon does not have it."""
-    listed = {d["name"]: d["state"] for d in daemon.json("list", "--all")}
-    return listed.get(name)
+    """The domain's state there, None if that daemon does not have it; "busy" while a job
+    holds it (a reconnect that has not yet finished or undone the previous daemon's job
+    shows the state the status file had, which it may still change)."""
+    listed = {d["name"]: d for d in daemon.json("list", "--all", "--info")}
+    if name not in listed:
+        return None
+    job = listed[name]["job"]
+    return "busy" if job["job"] or job["async_job"] else str(listed[name]["state"])
 
 
 def settled(a: Daemon, b: Daemon, name: str) -> bool:
-    """One QEMU, its daemon says running, the other daemon has it shut off or not at all
-    (a run whose QEMU just went is still being torn down: not settled yet)."""
+    """One QEMU, its daemon says running, the other daemon has it shut off or not at all,
+    and neither holds a job on it (a run whose QEMU just went is still being torn down, a
+    reconnect may still be undoing the migration: not settled yet)."""
     if len(a.qemu_pids()) + len(b.qemu_pids()) != 1:
         return False
     states = sorted((state_of(a, name) or "absent", state_of(b, name) or "absent"))
