@@ -214,8 +214,10 @@ class JobCondition:
         taken, under the lock, with a zero wait)."""
         return self._can_start(kind, None)
 
-    def _blocker(self) -> Job | AsyncJob | None:
-        return self.sync_job if self.sync_job is not None else self.async_job
+    def holder(self) -> str:
+        """The job that holds the domain, described (for errors: who, since when)."""
+        blocker = self.sync_job if self.sync_job is not None else self.async_job
+        return blocker.describe() if blocker is not None else "another job"
 
     async def _wait_until(self, ready: Any, what: str, timeout_s: float) -> None:
         started = time.monotonic()
@@ -231,8 +233,7 @@ class JobCondition:
                 async with asyncio.timeout(remaining):
                     await self._cond.wait()
             except TimeoutError:
-                blocker = self._blocker()
-                holder = blocker.describe() if blocker else "another job"
+                holder = self.holder()
                 raise JobTimeoutError(
                     f"cannot start {what} on domain '{self.domain_name}' after waiting "
                     f"{time.monotonic() - started:.1f} s: it is held by {holder}") from None

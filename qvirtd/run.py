@@ -106,11 +106,10 @@ class Run:
         # reconnect may answer only after further restarts).
         self.pending_job: JobRecord | None = None
         # domstats (ops/stats.py): the last block counters QEMU gave, when, the query still
-        # out (at most one), and why the last one could not be asked or answered.
+        # out (at most one), and why the last one failed.
         self.block_stats: list[dict[str, Any]] = []
         self.block_stats_at: float | None = None
         self.stats_query: asyncio.Task[None] | None = None
-        self.stats_busy: str | None = None
         self.stats_error: str | None = None
         # Set once the process is known (spawned, or adopted), or its spawn failed.
         self.spawned = asyncio.Event()

@@ -28,6 +28,7 @@ from typing import Any
 from ..domain import Domain
 from ..errors import JobTimeoutError, QvirtError
 from ..job import JobKind
+from ..qemu.process import proc_stat
 from ..run import Run
 from .context import Context
 
@@ -47,13 +48,14 @@ class _Host:
 
 def _read_host(pid: int) -> _Host:
     """Blocking (call off the loop): one QEMU's CPU time, state and resident memory."""
+    fields = proc_stat(pid)
+    if fields is None:
+        return _Host()
     try:
-        raw = Path(f"/proc/{pid}/stat").read_bytes()
         statm = Path(f"/proc/{pid}/statm").read_bytes()
     except OSError:
         return _Host()
-    rest = raw[raw.rindex(b")") + 2:].split()
-    return _Host(rest[0].decode(), (int(rest[11]) + int(rest[12])) * TICK_NS,
+    return _Host(fields[0].decode(), (int(fields[11]) + int(fields[12])) * TICK_NS,
                  int(statm.split()[1]) * PAGE_KIB)
 
 
@@ -116,16 +118,13 @@ class Stats:
                 entries.append(_Entry(dom, run, pid, out))
         taps = sorted({n["ifname"] for e in entries for n in e.out["net"] if n["ifname"]})
         host, tap_counters = await asyncio.to_thread(_read_all, [e.pid for e in entries], taps)
-        # A stopped QEMU is not asked (its answer could not come before SIGCONT).
-        out_before = {e.dom.name for e in entries if e.run.stats_query is not None
-                      and not e.run.stats_query.done()}
-        asking = {e.dom.name: self._ask(e) for e in entries
-                  if host[e.pid].state not in ("T", "t")}
-        # Only this call's queries are waited for: one still unanswered from an earlier
-        # call is a QEMU that did not answer then, and is not waited for again.
-        waiting = {t for name, t in asking.items() if t is not None and name not in out_before}
+        # Why no query was sent (None: one is out, this call's or an earlier one's).
+        why: dict[str, str | None] = {}
+        waiting: dict[str, asyncio.Task[None]] = {}
+        for e in entries:
+            why[e.dom.name] = self._ask(e, host[e.pid].state, owner, waiting)
         if waiting:
-            await asyncio.wait(waiting, timeout=ctx.settings.stats_timeout_s)
+            await asyncio.wait(waiting.values(), timeout=ctx.settings.stats_timeout_s)
         now = time.monotonic()
         for e in entries:
             h = host[e.pid]
@@ -134,52 +133,49 @@ class Stats:
             for nic in e.out["net"]:
                 counters = tap_counters.get(nic["ifname"]) if nic["ifname"] else None
                 nic.update(counters or dict.fromkeys(NET_COUNTERS))
-            task = asking.get(e.dom.name)
-            why = None
-            if h.state in ("T", "t"):
-                why = "QEMU is stopped (SIGSTOP or a debugger)"
-            elif task is None:
-                why = e.run.stats_busy or "a QUERY job could not be taken"
-            elif e.dom.name in out_before and not task.done():
-                why = "QEMU has not answered the previous call's query yet"
-            elif not task.done():
-                why = f"QEMU did not answer within {ctx.settings.stats_timeout_s:g} s"
-            elif e.run.stats_error is not None:
-                why = e.run.stats_error
+            stale = why[e.dom.name]
+            task = e.run.stats_query
+            if stale is None and task is not None and not task.done():
+                stale = (f"QEMU did not answer within {ctx.settings.stats_timeout_s:g} s"
+                         if e.dom.name in waiting else
+                         "QEMU has not answered the previous call's query yet")
+            elif stale is None:
+                stale = e.run.stats_error
             e.out["block"] = e.run.block_stats
-            e.out["stale"] = why is not None
-            if why is not None:
-                e.out["stale_reason"] = why
+            e.out["stale"] = stale is not None
+            if stale is not None:
+                e.out["stale_reason"] = stale
                 e.out["block_age_s"] = (round(now - e.run.block_stats_at, 3)
                                         if e.run.block_stats_at is not None else None)
         domains = [e.out for e in entries] + quiet
         domains.sort(key=lambda d: d["name"])
         return {"domains": domains}
 
-    def _ask(self, e: _Entry) -> asyncio.Task[None] | None:
-        """The run's block-stats query: the one still out, or a new one. None if the domain's
-        job slot is busy (nothing is sent; the caller does not wait)."""
-        run = e.run
+    def _ask(self, e: _Entry, state: str | None, owner: str,
+             waiting: dict[str, asyncio.Task[None]]) -> str | None:
+        """Send the run's block-stats query (into `waiting`, for this call to wait for), or
+        say why none is sent. One still out from an earlier call is not waited for again
+        (None, not in `waiting`): that QEMU did not answer then."""
+        run, dom = e.run, e.dom
+        if state in ("T", "t"):  # its answer could not come before SIGCONT
+            return "QEMU is stopped (SIGSTOP or a debugger)"
         if run.stats_query is not None and not run.stats_query.done():
-            return run.stats_query
-        dom = e.dom
-        job = dom.job
+            return None
         if run.starting or run.monitor is None or run.monitor.closed:
-            run.stats_busy = "the domain is starting (or its monitor is not connected)"
-            return None
-        if dom.lock.locked() or not job.can_start_now(JobKind.QUERY):
-            run.stats_busy = f"busy: {describe_blocker(dom)}"
-            return None
-        run.stats_busy = None
-        run.stats_query = self.ctx.spawn(self._query(dom, run), f"domstats-{dom.name}", run)
-        return run.stats_query
+            return "the domain is starting (or its monitor is not connected)"
+        if dom.lock.locked() or not dom.job.can_start_now(JobKind.QUERY):
+            return f"busy: {dom.job.holder()}"
+        run.stats_query = self.ctx.spawn(self._query(dom, run, owner),
+                                         f"domstats-{dom.name}", run)
+        waiting[dom.name] = run.stats_query
+        return None
 
-    async def _query(self, dom: Domain, run: Run) -> None:
+    async def _query(self, dom: Domain, run: Run, owner: str) -> None:
         """One `query-blockstats` under a QUERY job taken without waiting; the answer goes
         to the run's cache."""
         ctx = self.ctx
         try:
-            async with ctx.job(dom, JobKind.QUERY, "domstats", timeout_s=0.0):
+            async with ctx.job(dom, JobKind.QUERY, owner, timeout_s=0.0):
                 reply = await ctx.qmp(dom, run, "query-blockstats", what="domstats")
         except JobTimeoutError as exc:
             run.stats_error = f"busy: {exc}"
@@ -201,8 +197,3 @@ class Stats:
         block.sort(key=lambda b: str(b["id"]))
         run.block_stats, run.block_stats_at, run.stats_error = block, time.monotonic(), None
 
-
-def describe_blocker(dom: Domain) -> str:
-    job = dom.job
-    held = job.sync_job or job.async_job
-    return held.describe() if held is not None else "its lock is held"

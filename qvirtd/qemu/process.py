@@ -25,15 +25,21 @@ from ..locks import check_no_locks
 log = logging.getLogger(__name__)
 
 
-def proc_start_time(pid: int) -> int | None:
-    """The process start time (clock ticks since boot) from /proc; identifies a pid's owner."""
+def proc_stat(pid: int) -> list[bytes] | None:
+    """The fields of /proc/PID/stat from the third on (the state), None if it is gone.
+    `proc_stat(pid)[k]` is field k + 3 of proc(5)."""
     try:
         raw = Path(f"/proc/{pid}/stat").read_bytes()
     except OSError:
         return None
     # Field 2 (comm) may contain spaces and parentheses: split after the last ')'.
-    rest = raw[raw.rindex(b")") + 2:].split()
-    return int(rest[19])  # field 22 overall
+    return raw[raw.rindex(b")") + 2:].split()
+
+
+def proc_start_time(pid: int) -> int | None:
+    """The process start time (clock ticks since boot) from /proc; identifies a pid's owner."""
+    fields = proc_stat(pid)
+    return int(fields[19]) if fields is not None else None  # field 22 overall
 
 
 def process_binary(pid: int) -> str | None:
@@ -47,11 +53,8 @@ def process_binary(pid: int) -> str | None:
 
 def proc_state(pid: int) -> str | None:
     """The one-letter process state from /proc (R, S, D, T for stopped, Z, ...)."""
-    try:
-        raw = Path(f"/proc/{pid}/stat").read_bytes()
-    except OSError:
-        return None
-    return raw[raw.rindex(b")") + 2:][:1].decode()
+    fields = proc_stat(pid)
+    return fields[0].decode() if fields is not None else None
 
 
 def qemu_processes() -> list[tuple[int, bytes]]:

@@ -115,6 +115,15 @@ def error_reply(req_id: Any, code: int, message: str, kind: str | None = None) -
     return {"jsonrpc": "2.0", "id": req_id, "error": err}
 
 
+def failure_reply(method: str, req_id: Any, exc: Exception) -> dict[str, Any]:
+    """The reply to a handler that raised: our errors say what failed; anything else is a
+    bug, logged with its traceback and answered as an internal error."""
+    if isinstance(exc, QvirtError):
+        return error_reply(req_id, OPERATION_FAILED, str(exc), exc.kind)
+    log.error("method %s failed", method, exc_info=exc)
+    return error_reply(req_id, INTERNAL_ERROR, f"internal error: {exc}")
+
+
 def encode(obj: Any) -> bytes:
     """One message line. pydantic-core's encoder (Rust): a quarter of json.dumps' time."""
     return to_json(obj) + b"\n"
@@ -440,11 +449,8 @@ class Connection:
                 reply = {"jsonrpc": "2.0", "id": req_id, "result": now[1](self, params)}
             except WouldWait:
                 return False
-            except QvirtError as exc:
-                reply = error_reply(req_id, OPERATION_FAILED, str(exc), exc.kind)
             except Exception as exc:
-                log.exception("method %s failed", msg["method"])
-                reply = error_reply(req_id, INTERNAL_ERROR, f"internal error: {exc}")
+                reply = failure_reply(msg["method"], req_id, exc)
         if "id" in msg:
             self._reply(reply, req_id)
         return True
@@ -632,11 +638,8 @@ class RpcServer:
             else:
                 assert method is not None
                 result = await method.handler(params, conn.caller)
-        except QvirtError as exc:
-            return error_reply(req_id, OPERATION_FAILED, str(exc), exc.kind)
         except Exception as exc:
-            log.exception("method %s failed", name)
-            return error_reply(req_id, INTERNAL_ERROR, f"internal error: {exc}")
+            return failure_reply(name, req_id, exc)
         if name == "daemon-stats" and isinstance(result, dict):
             result.setdefault("rpc", self.stats())
         return {"jsonrpc": "2.0", "id": req_id, "result": result}
