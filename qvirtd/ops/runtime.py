@@ -192,7 +192,9 @@ class Runtime:
                 await self.launch(dom, job, paused,
                                   Incoming(header, fd=fd, path=path, managed=True))
             finally:
-                os.close(fd)
+                # Off the loop (L6): the last close of a managed image already deleted
+                # frees its blocks, and that waits for the disk.
+                await asyncio.to_thread(os.close, fd)
 
     async def remove_managed_save(self, dom: Domain, owner: str) -> bool:
         """Delete the domain's managed save image (durably); True if there was one."""

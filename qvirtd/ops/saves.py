@@ -165,7 +165,7 @@ class Saves:
             await ctx.qmp(dom, run, "migrate", {"uri": f"fd:{SAVE_FD}"}, what="save")
             await qemu_migration.wait_done(ctx, dom, run, job, "save")
         except BaseException:
-            os.close(fd)
+            await asyncio.to_thread(os.close, fd)  # L6: a close may flush or free blocks
             raise
         return await asyncio.to_thread(savefile.finish, fd, target)
 
@@ -221,7 +221,7 @@ class Saves:
                                               Incoming(header, fd=fd, path=source,
                                                        managed=managed))
                 finally:
-                    os.close(fd)
+                    await asyncio.to_thread(os.close, fd)  # L6: see Runtime.start
         finally:
             if created:
                 await ctx.remove_if_unused(dom)
