@@ -145,7 +145,7 @@ RSS_BOUND_KIB = 30 * 1024
 @pytest.mark.parametrize("limit", ["bytes", "write-timeout"])
 async def test_a_client_that_pipelines_and_never_reads_is_cut_off(
         daemon_factory: Any, limit: str) -> None:
-    settings: dict[str, Any] = {"client_write_timeout_s": 5.0}
+    settings: dict[str, Any] = {"client_write_timeout_s": 3.0}
     if limit == "bytes":  # the outbound bound trips before the write timeout
         settings = {"client_outbound_max_bytes": 256 * 1024}
     daemon: Daemon = daemon_factory(settings)
@@ -154,7 +154,7 @@ async def test_a_client_that_pipelines_and_never_reads_is_cut_off(
     stop = threading.Event()
     prober = Prober(daemon.socket, stop)
     prober.start()
-    pipeliner = Pipeliner(daemon.socket, seconds=10)
+    pipeliner = Pipeliner(daemon.socket, seconds=6)
     pipeliner.start()
     peak = before
     while pipeliner.is_alive():
@@ -173,7 +173,7 @@ async def test_a_client_that_pipelines_and_never_reads_is_cut_off(
         if limit == "bytes":  # quickly, and again each time it comes back
             assert len(pipeliner.cut_offs) >= 3 and pipeliner.cut_offs[0] < 2
         else:  # once it has not read for client_write_timeout_s
-            assert len(pipeliner.cut_offs) >= 1 and pipeliner.cut_offs[0] >= 4
+            assert len(pipeliner.cut_offs) >= 1 and pipeliner.cut_offs[0] >= 2.5
         if last is not None:
             last.close()
         s = wait_for(lambda: (lambda s: s if s["rpc"]["clients"] == 1 else None)(
@@ -186,9 +186,9 @@ async def test_a_client_that_pipelines_and_never_reads_is_cut_off(
         # The other client was answered all along, promptly.
         assert not prober.errors, prober.errors[:3]
         # Answered all along: no call waited a second, and calls kept coming through the
-        # whole 10 s (a count, not a speed: 100 calls is 90 ms a round on a loaded CI host).
+        # whole 6 s (a count, not a speed: 60 calls is 100 ms a round on a loaded CI host).
         assert max(prober.latencies) < 1.0, max(prober.latencies)
-        assert len(prober.latencies) > 100, len(prober.latencies)
+        assert len(prober.latencies) > 60, len(prober.latencies)
     finally:
         if last is not None:
             last.close()

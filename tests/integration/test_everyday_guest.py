@@ -184,4 +184,16 @@ def test_secure_boot_from_a_signed_disk(daemon: Daemon, guest: Any) -> None:
                               "boot_order": 1}]})
     daemon.qvirsh("start", "sb")
     daemon.wait_console("sb", READY, timeout_s=120)
+    assert "module failed" not in daemon.console("sb")  # lockdown: every module signed
+    term = Terminal(daemon, "console", "sb")
+    try:
+        term.prompt(b"guest# ")
+        term.type(b"dmesg | grep -o 'Secure boot enabled'\r")
+        term.read_until(b"\nSecure boot enabled", timeout_s=10)  # after the shell's echo
+        term.type(b"\x1d")
+        assert term.close() == 0
+    finally:
+        if term.proc.poll() is None:
+            term.proc.kill()
+            term.close()
     daemon.qvirsh("destroy", "sb")

@@ -23,7 +23,6 @@ import pytest
 from build_guest import GuestImage
 
 OVMF_FILES = (bg.OVMF_CODE, bg.OVMF_VARS)
-SECURE_BOOT_FILES = (bg.OVMF_CODE_SECURE_BOOT, bg.OVMF_VARS_SECURE_BOOT)
 
 
 def read_cpio(data: bytes) -> dict[str, tuple[int, bytes]]:
@@ -291,14 +290,11 @@ def test_bios_guest_shell_screen_agent_cidata(guest: GuestImage, tmp_path: Path,
     assert "QVIRTD-GUEST: agent shutdown poweroff" in vm.text()
 
 
-def ovmf_args(tmp_path: Path, secure_boot: bool) -> list[str]:
-    code, template = SECURE_BOOT_FILES if secure_boot else OVMF_FILES
+def ovmf_args(tmp_path: Path) -> list[str]:
+    code, template = OVMF_FILES
     variables = tmp_path / "OVMF_VARS.fd"
     shutil.copyfile(template, variables)
-    machine = ["-machine", "q35,accel=tcg,smm=on", "-global",
-               "driver=cfi.pflash01,property=secure,value=on"] if secure_boot else [
-               "-machine", "q35,accel=tcg"]
-    return [*machine,
+    return ["-machine", "q35,accel=tcg",
             "-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={code}",
             "-drive", f"if=pflash,format=raw,unit=1,file={variables}"]
 
@@ -307,7 +303,7 @@ def ovmf_args(tmp_path: Path, secure_boot: bool) -> list[str]:
 def test_uefi_disk_boots_and_powers_off(guest: GuestImage, tmp_path: Path,
                                         qemu_factory: StartQemu) -> None:
     vm = qemu_factory([
-        *ovmf_args(tmp_path, secure_boot=False), "-m", "256",
+        *ovmf_args(tmp_path), "-m", "256",
         "-drive", f"if=none,id=d0,format=raw,readonly=on,file={guest.uefi_disk}",
         "-device", "virtio-blk-pci,drive=d0",
     ])
@@ -321,21 +317,5 @@ def test_uefi_disk_boots_and_powers_off(guest: GuestImage, tmp_path: Path,
     assert bg.POWER_BUTTON_LINE in vm.text()
 
 
-@pytest.mark.skipif(not all(p.is_file() for p in SECURE_BOOT_FILES),
-                    reason="no Secure Boot OVMF (ovmf package)")
-def test_secure_boot_disk_boots_with_secure_boot_on(guest: GuestImage, tmp_path: Path,
-                                                    qemu_factory: StartQemu) -> None:
-    if guest.secure_boot_disk is None:
-        pytest.skip("no secure_boot_disk (the signed packages were not in the archive)")
-    vm = qemu_factory([
-        *ovmf_args(tmp_path, secure_boot=True), "-m", str(bg.SECURE_BOOT_MEMORY_MIB),
-        "-drive", f"if=none,id=d0,format=raw,readonly=on,file={guest.secure_boot_disk}",
-        "-device", "virtio-blk-pci,drive=d0",
-    ])
-    vm.wait_for(bg.READY_LINE + "\n", timeout=120)
-    assert "module failed" not in vm.text()  # lockdown: every module had to be signed
-    vm.wait_for(bg.SHELL_PROMPT)
-    vm.type("dmesg | grep -o 'Secure boot enabled'\r")
-    vm.wait_for("\nSecure boot enabled\n", timeout=10)
-    vm.qmp("system_powerdown")
-    assert vm.wait_exit() == 0
+# Booting the signed disk with Secure Boot on (lockdown, 'Secure boot enabled' in dmesg) is
+# tested through the daemon: test_everyday_guest.test_secure_boot_from_a_signed_disk.
