@@ -26,8 +26,6 @@ import json
 import os
 from pathlib import Path
 
-import pycdlib
-
 from .errors import StorageError
 from .model import CdromDef, CloudInitDef, DomainDef
 
@@ -60,7 +58,11 @@ def _meta_data(ci: CloudInitDef, definition: DomainDef) -> bytes:
 
 
 def build_iso(files: dict[str, bytes]) -> bytes:
-    """An ISO 9660 image labelled `cidata` holding `files` (Joliet and Rock Ridge names)."""
+    """An ISO 9660 image labelled `cidata` holding `files` (Joliet and Rock Ridge names).
+    Called in a worker thread; pycdlib is imported on first use, not at daemon start (it
+    and what it imports are about 2 MiB of a daemon that may never build a seed: issue 12)."""
+    import pycdlib
+
     iso = pycdlib.PyCdlib()
     iso.new(interchange_level=3, joliet=3, rock_ridge="1.09", vol_ident=VOLUME_LABEL)
     for name, data in files.items():

@@ -11,7 +11,10 @@ domain lock) and gets a future back. Worker threads do the writing.
   one for the same path: a status file changed ten times while its previous write was in
   progress is written twice, not eleven times. Every caller's future completes when its data,
   or newer data for the same path, is in place. A removal supersedes queued writes the same
-  way. Appends (console logs) to one path are joined.
+  way. Appends (console logs) to one path are joined. An operation reaches a thread only at
+  the end of the loop step that submitted it, so the writes of one step (an event that
+  changes a run twice) become one, and the step finishes (delivers its event, answers its
+  client) before a woken worker competes with it for the CPU.
 * **Barriers.** A caller that must know the bytes are on disk before it goes on (the record
   written before QEMU is spawned, a hotplug's JSON entry before `device_add`, a definition
   before `define` answers) awaits its future, with no lock held. Everyone else ignores it.
@@ -62,6 +65,7 @@ class _Op:
 @dataclass
 class _PathState:
     running: _Op | None = None
+    launched: bool = True         # `running` has been handed to a worker thread
     queued: collections.deque[_Op] = field(default_factory=collections.deque)
     retry: asyncio.TimerHandle | None = None
 
@@ -206,7 +210,21 @@ class FileWriter:
             st.retry = None
             self.failing.pop(path, None)
         if st.running is None:
-            self._start(loop, path, st, op)
+            # Handed to a thread at the end of this loop iteration, not now: the caller (an
+            # event under the domain lock) first finishes its step (delivers the event,
+            # answers the client) before a woken worker competes with it for the CPU and
+            # the GIL; and a second write to the path in the same step replaces this one.
+            st.running, st.launched = op, False
+            if self._idle is not None:
+                self._idle.clear()
+            loop.call_soon(self._launch, loop, path, st, op)
+        elif not st.launched and st.running.kind == op.kind == "append":
+            st.running.data += op.data
+            st.running.futures += op.futures
+        elif not st.launched and st.running.kind != "append" and op.kind != "append":
+            op.durable = op.durable or st.running.durable
+            op.futures = st.running.futures + op.futures
+            st.running = op
         else:
             self._enqueue(st.queued, op)
         return fut
@@ -232,6 +250,12 @@ class FileWriter:
         st.running = op
         if self._idle is not None:
             self._idle.clear()
+        self._launch(loop, path, st, op)
+
+    def _launch(self, loop: asyncio.AbstractEventLoop, path: Path, st: _PathState,
+                op: _Op) -> None:
+        op = st.running or op  # `op` may have been replaced by newer data before its launch
+        st.launched = True
         work = loop.run_in_executor(self._pool, _perform, path, op)
         work.add_done_callback(lambda f: self._finished(loop, path, st, op, f))
 

@@ -54,6 +54,27 @@ async def test_queued_writes_coalesce_and_every_future_completes(
     assert performed == [b"v1", b"v11"]  # ten queued writes became one
 
 
+async def test_writes_of_one_loop_step_are_handed_to_a_thread_once(
+        writer: FileWriter, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    target, log = tmp_path / "status.json", tmp_path / "console.log"
+    real = os.replace
+    performed: list[bytes] = []
+
+    def counting_replace(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
+        performed.append(Path(src).read_bytes())
+        real(src, dst)
+
+    monkeypatch.setattr(os, "replace", counting_replace)
+    # One step (no await between): nothing starts before the step ends, then the newest
+    # data is written once and every caller's future completes.
+    futures = [writer.write(target, f"v{i}".encode(), durable=False) for i in range(5)]
+    futures += [writer.append(log, b"a", max_bytes=100), writer.append(log, b"b", max_bytes=100)]
+    assert not target.exists() and not log.exists()
+    await asyncio.gather(*futures)
+    assert performed == [b"v4"] and target.read_bytes() == b"v4"
+    assert log.read_bytes() == b"ab"
+
+
 async def test_a_removal_supersedes_queued_writes_in_order(
         writer: FileWriter, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     target = tmp_path / "status.json"
