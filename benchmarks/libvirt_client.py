@@ -19,7 +19,7 @@ import time
 
 import libvirt  # type: ignore[import-not-found]
 
-XML = """<domain type='kvm'><name>{name}</name><memory unit='MiB'>64</memory><vcpu>1</vcpu>
+XML = """<domain type='{kind}'><name>{name}</name><memory unit='MiB'>64</memory><vcpu>1</vcpu>
 <os><type arch='x86_64' machine='q35'>hvm</type></os><features><acpi/></features>
 <devices><emulator>/usr/bin/qemu-system-x86_64</emulator>
 <controller type='usb' model='none'/><memballoon model='none'/></devices></domain>"""
@@ -30,9 +30,10 @@ def pct(values: list[float], p: float) -> float:
     return ordered[min(len(ordered) - 1, int(p * len(ordered)))] if ordered else float("nan")
 
 
-def define(conn: libvirt.virConnect, names: list[str]) -> None:
+def define(conn: libvirt.virConnect, names: list[str], kind: str = "kvm") -> None:
+    """`kind`: the domain type, kvm or qemu (TCG: a no-OS guest that idles, see events)."""
     for name in names:
-        conn.defineXML(XML.format(name=name))
+        conn.defineXML(XML.format(name=name, kind=kind))
 
 
 def cleanup(conn: libvirt.virConnect) -> None:
@@ -150,12 +151,14 @@ def frozen(uri: str, run_dir: str, cap_s: float) -> dict[str, object]:
             "second": result.get("second", ("did not return", cap_s)), "destroy_s": destroy_s}
 
 
-def events(uri: str, rounds: int, producers: int, subscribers: int) -> dict[str, float]:
+def events(uri: str, rounds: int, producers: int, subscribers: int,
+           kind: str = "kvm") -> dict[str, float]:
     """Lifecycle events: API call -> event at a subscriber (latency), and events/s to
-    `subscribers` connections while `producers` domains are suspended and resumed."""
+    `subscribers` connections while `producers` domains (of type `kind`) are suspended and
+    resumed."""
     conn = libvirt.open(uri)
     names = [f"lve{i}" for i in range(producers)]
-    define(conn, names)
+    define(conn, names, kind)
     for name in names:
         conn.lookupByName(name).create()
     got = threading.Event()
@@ -289,7 +292,7 @@ def main() -> None:
     elif scenario == "frozen":
         out = frozen(uri, run_dir, float(args[0]))
     elif scenario == "events":
-        out = events(uri, int(args[0]), int(args[1]), int(args[2]))
+        out = events(uri, int(args[0]), int(args[1]), int(args[2]), *args[3:4])
     elif scenario == "populate":
         out = populate(uri, int(args[0]), int(args[1]))
     elif scenario == "cpu":

@@ -41,3 +41,4 @@ def test_benchmark_runs_in_quick_mode(script: str) -> None:
         assert set(result["start"]) == {"1", "3"} and result["queries"]["8"] > 0
         assert result["frozen"]["destroy_s"] > 0 and result["memory"]["rss_kib"] > 0
         assert result["events"]["events_per_s"] > 0
+        assert result["events_idle"]["events_per_s"] > 0
