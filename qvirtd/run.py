@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .model import DomainDef, Reason
-from .status import DomainStatus, FollowUpRecord, JobRecord
+from .status import DomainStatus, FollowUpRecord, JobRecord, status_path
 
 if TYPE_CHECKING:
     from .domain import Domain
@@ -75,6 +75,9 @@ class Run:
         self.definition = definition            # the live definition: the run's JSON config
         self.id = dom_id
         self.run_dir = run_dir
+        # One Path for the status file, built once: it is written at every change of the
+        # run, and the writer keys its per-path state on it (a new Path hashes anew).
+        self.status_file = status_path(run_dir)
         self.accel = accel
         self.starting = False                   # a start is bringing it up (not yet running)
         self.process: QemuProcess | None = None

@@ -37,7 +37,6 @@ from ..model import DomainState, Reason
 from ..qemu.firmware import Ovmf
 from ..qemu.process import ProcessTable
 from ..run import Run
-from ..status import status_path
 from ..store import DefinitionStore
 from ..writer import FileWriter
 
@@ -284,7 +283,7 @@ class Context:
         off the loop). Await `status_barrier()` where it must be on disk before going on."""
         dom.assert_locked()
         data = run.to_status(dom, self.qemu_path, with_job).encode()
-        fut = self.writer.write(status_path(run.run_dir), data, durable=False,
+        fut = self.writer.write(run.status_file, data, durable=False,
                                 retry_s=STATUS_RETRY_S)
         run.status_written = fut
         return fut

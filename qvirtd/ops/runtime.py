@@ -62,7 +62,6 @@ from ..run import (
     Run,
 )
 from ..savefile import SaveHeader
-from ..status import status_path
 from ..tls import split_hostport
 from . import qemu_migration, qmp_events
 from .context import Context
@@ -683,7 +682,7 @@ class Runtime:
             run.spawned.set()
             paths = LaunchPaths(run.run_dir)
             removals = [ctx.writer.remove(path, durable=False) for path in (
-                status_path(run.run_dir), run.monitor_socket, run.console_socket,
+                run.status_file, run.monitor_socket, run.console_socket,
                 paths.pidfile, paths.vnc_socket, run.agent_socket,
                 run.run_dir / SEED_FILE, run.run_dir / MIGRATE_SOCKET,
                 run.run_dir / NBD_SOCKET)]
