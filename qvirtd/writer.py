@@ -34,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import errno
 import logging
 import os
 import threading
@@ -256,7 +257,12 @@ class FileWriter:
                 op: _Op) -> None:
         op = st.running or op  # `op` may have been replaced by newer data before its launch
         st.launched = True
-        work = loop.run_in_executor(self._pool, _perform, path, op)
+        try:
+            work = loop.run_in_executor(self._pool, _perform, path, op)
+        except RuntimeError as exc:  # the pool is shut down: the daemon is stopping
+            op.retry_s = None  # nothing can run it any more: fail it, do not retry
+            work = loop.create_future()
+            work.set_exception(OSError(errno.ESHUTDOWN, f"the file writer has stopped ({exc})"))
         work.add_done_callback(lambda f: self._finished(loop, path, st, op, f))
 
     def _finished(self, loop: asyncio.AbstractEventLoop, path: Path, st: _PathState, op: _Op,

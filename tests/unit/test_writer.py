@@ -75,6 +75,16 @@ async def test_writes_of_one_loop_step_are_handed_to_a_thread_once(
     assert log.read_bytes() == b"ab"
 
 
+async def test_a_write_after_the_writer_closed_fails_instead_of_hanging(
+        writer: FileWriter, tmp_path: Path) -> None:
+    writer.close()
+    with pytest.raises(StorageError, match=r"status\.json.*writer has stopped"):
+        await asyncio.wait_for(writer.write(tmp_path / "status.json", b"x", durable=False,
+                                            retry_s=0.01), 5)
+    await asyncio.sleep(0.05)
+    assert writer.stats()["failures"] == 1  # failed once, not retried
+
+
 async def test_a_removal_supersedes_queued_writes_in_order(
         writer: FileWriter, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     target = tmp_path / "status.json"
