@@ -214,48 +214,34 @@ class FileWriter:
             # Handed to a thread at the end of this loop iteration, not now: the caller (an
             # event under the domain lock) first finishes its step (delivers the event,
             # answers the client) before a woken worker competes with it for the CPU and
-            # the GIL; and a second write to the path in the same step replaces this one.
-            st.running, st.launched = op, False
-            if self._idle is not None:
-                self._idle.clear()
-            loop.call_soon(self._launch, loop, path, st, op)
-        elif not st.launched and st.running.kind == op.kind == "append":
-            st.running.data += op.data
-            st.running.futures += op.futures
-        elif not st.launched and st.running.kind != "append" and op.kind != "append":
-            op.durable = op.durable or st.running.durable
-            op.futures = st.running.futures + op.futures
-            st.running = op
+            # the GIL; and a second write to the path in the same step joins this one.
+            self._start(loop, path, st, op, soon=True)
+        elif not st.launched and (merged := _coalesce(st.running, op)) is not None:
+            st.running = merged
+        elif st.queued and (merged := _coalesce(st.queued[-1], op)) is not None:
+            st.queued[-1] = merged
         else:
-            self._enqueue(st.queued, op)
+            st.queued.append(op)
         return fut
-
-    @staticmethod
-    def _enqueue(queued: collections.deque[_Op], op: _Op) -> None:
-        """Coalesce `op` with the last operation waiting for the same path, if it may."""
-        last = queued[-1] if queued else None
-        if last is not None and last.kind == op.kind == "append":
-            last.data += op.data
-            last.futures += op.futures
-        elif last is not None and last.kind != "append" and op.kind != "append":
-            op.durable = op.durable or last.durable
-            op.futures = last.futures + op.futures
-            queued[-1] = op
-        else:
-            queued.append(op)
 
     # --- running (on the loop; the blocking part in a worker thread) ------------------------
 
     def _start(self, loop: asyncio.AbstractEventLoop, path: Path, st: _PathState,
-               op: _Op) -> None:
+               op: _Op, soon: bool = False) -> None:
+        """Make `op` the path's running operation; hand it to a thread now, or at the end
+        of this loop step (`soon`: until then, newer operations may join it)."""
         st.running = op
         if self._idle is not None:
             self._idle.clear()
-        self._launch(loop, path, st, op)
+        if soon:
+            st.launched = False
+            loop.call_soon(self._launch, loop, path, st)
+        else:
+            self._launch(loop, path, st)
 
-    def _launch(self, loop: asyncio.AbstractEventLoop, path: Path, st: _PathState,
-                op: _Op) -> None:
-        op = st.running or op  # `op` may have been replaced by newer data before its launch
+    def _launch(self, loop: asyncio.AbstractEventLoop, path: Path, st: _PathState) -> None:
+        op = st.running
+        assert op is not None
         st.launched = True
         try:
             work = loop.run_in_executor(self._pool, _perform, path, op)
@@ -330,6 +316,21 @@ def _as_storage_error(op: _Op, path: Path, exc: BaseException) -> StorageError:
     if isinstance(exc, OSError):
         return StorageError(_describe(op.kind, path, exc))
     return StorageError(f"cannot {op.kind} {path}: {exc}")
+
+
+def _coalesce(last: _Op, op: _Op) -> _Op | None:
+    """`op` joined to `last`, an operation on the same path not yet handed to a thread:
+    appends are concatenated, and a write or removal replaces a write or removal (every
+    caller's future then completes with the newer one). None if they do not combine."""
+    if last.kind == op.kind == "append":
+        last.data += op.data
+        last.futures += op.futures
+        return last
+    if last.kind != "append" and op.kind != "append":
+        op.durable = op.durable or last.durable
+        op.futures = last.futures + op.futures
+        return op
+    return None
 
 
 def _settle(op: _Op, error: StorageError | None) -> None:
