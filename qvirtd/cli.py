@@ -237,17 +237,21 @@ async def console(socket_path: Path, params: dict[str, Any]) -> int:
     _result, reader, writer = await open_stream(socket_path, "console", params)
     readonly = bool(params.get("readonly"))
     name = params["name"]
-    print(f"Connected to domain '{name}'" + (" (read-only)" if readonly else ""),
-          file=sys.stderr)
-    print("Escape character is ^] (Ctrl + ])", file=sys.stderr)
     loop = asyncio.get_running_loop()
     stdin = sys.stdin.fileno()
     stdout = sys.stdout.buffer
     detached = asyncio.Event()
     saved = None
+    end = "\n"
     if os.isatty(stdin):
+        # Raw before the banner, and without flushing: a key typed as soon as the banner
+        # shows (or before) reaches the guest instead of being discarded with the mode change.
         saved = termios.tcgetattr(stdin)
-        tty.setraw(stdin)
+        tty.setraw(stdin, termios.TCSANOW)
+        end = "\r\n"  # raw output: a newline no longer returns the carriage
+    print(f"Connected to domain '{name}'" + (" (read-only)" if readonly else ""),
+          file=sys.stderr, end=end)
+    print("Escape character is ^] (Ctrl + ])", file=sys.stderr, end=end)
 
     def keystrokes() -> None:
         try:

@@ -58,12 +58,11 @@ async def test_lifecycle_produces_exactly_the_expected_events(daemon: Daemon,
         await run(daemon.wait_console, "ev", READY)
         await run(daemon.qvirsh, "suspend", "ev")
         await run(daemon.qvirsh, "resume", "ev")
-        await run(daemon.qvirsh, "shutdown", "ev", "--wait", "60")
-        await run(daemon.qvirsh, "start", "ev")
-        await run(daemon.wait_console, "ev", READY)
         await run(daemon.qvirsh, "reboot", "ev")
         await run(daemon.wait_console, "ev", READY, 2)
         await run(daemon.wait_state, "ev", "running")
+        await run(daemon.qvirsh, "shutdown", "ev", "--wait", "60")
+        await run(daemon.qvirsh, "start", "ev", "--paused")
         await run(daemon.qvirsh, "destroy", "ev")
         events = await collect_until(client, lambda e: e.get("detail") == "destroyed")
         assert kinds(events) == [
@@ -72,11 +71,12 @@ async def test_lifecycle_produces_exactly_the_expected_events(daemon: Daemon,
             "lifecycle suspended/paused",
             "lifecycle resumed/unpaused",
             "lifecycle shutdown/finished",
-            "lifecycle stopped/shutdown",
-            "lifecycle started/booted",
-            "lifecycle shutdown/finished",
             "reboot",
             "lifecycle resumed/unpaused",
+            "lifecycle shutdown/finished",
+            "lifecycle stopped/shutdown",
+            "lifecycle started/booted",  # --paused: booted, then paused (as libvirt)
+            "lifecycle suspended/paused",
             "lifecycle stopped/destroyed",
         ], "\n".join(kinds(events))
         # No gaps, and every event names the domain (id only while it runs).
@@ -94,7 +94,7 @@ async def test_lifecycle_produces_exactly_the_expected_events(daemon: Daemon,
         await client.close()
     lines = cli_log.read_text().splitlines()
     print("\n" + "\n".join(lines))
-    assert len(lines) == 11 and "domain 'ev': lifecycle started/booted" in lines[1]
+    assert len(lines) == 12 and "domain 'ev': lifecycle started/booted" in lines[1]
     assert lines[-1].endswith("lifecycle stopped/destroyed")
 
 

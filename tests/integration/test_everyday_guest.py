@@ -28,11 +28,11 @@ def test_console_round_trip_watchers_takeover_and_restart(daemon: Daemon, guest:
     daemon.qvirsh("start", "tty")
     daemon.wait_console("tty", READY)
     term = Terminal(daemon, "console", "tty")
+    term.type(b"\r")  # typed ahead, while qvirsh starts: it must reach the guest, not be flushed
     watcher = Terminal(daemon, "console", "tty", "--readonly")
     try:
         term.read_until(b"Escape character is ^]")
         watcher.read_until(b"(read-only)")
-        term.type(b"\r")
         term.read_until(b"guest# ")
         term.type(b"echo hel''lo-$((6*7))\r")  # the output differs from the echoed input
         term.read_until(b"hello-42")

@@ -19,18 +19,6 @@ def test_full_lifecycle_on_the_test_guest(daemon: Daemon, guest: object) -> None
     first_pid = info["pid"]
     daemon.wait_console("linux", READY)
 
-    # shutdown: the ACPI power button really powers the guest off
-    daemon.qvirsh("shutdown", "linux", "--wait", "60")
-    assert daemon.state("linux") == ("shutoff", "shutdown")
-    assert BUTTON in daemon.console("linux")
-    assert not pid_alive(first_pid)
-
-    # start again: a new QEMU, a new id
-    daemon.qvirsh("start", "linux")
-    info = daemon.json("dominfo", "linux")
-    assert info["state"] == "running" and info["pid"] != first_pid and info["id"] >= 2
-    daemon.wait_console("linux", READY)
-
     # suspend / resume
     daemon.qvirsh("suspend", "linux")
     assert daemon.state("linux") == ("paused", "user")
@@ -40,25 +28,35 @@ def test_full_lifecycle_on_the_test_guest(daemon: Daemon, guest: object) -> None
     assert daemon.state("linux") == ("running", "unpaused")
 
     # reboot: power button, the guest powers off, and the same QEMU resets and continues
-    pid = daemon.json("dominfo", "linux")["pid"]
     daemon.qvirsh("reboot", "linux")
     daemon.wait_console("linux", READY, count=2)
     info = daemon.wait_state("linux", "running")
-    assert info["pid"] == pid
+    assert info["pid"] == first_pid
     assert daemon.console("linux").count(BUTTON) == 1
 
     # reset: a hard reset, the guest boots again in the same QEMU
     daemon.qvirsh("reset", "linux")
     daemon.wait_console("linux", READY, count=3)
-    assert daemon.json("dominfo", "linux")["pid"] == pid
+    assert daemon.json("dominfo", "linux")["pid"] == first_pid
     assert daemon.state("linux")[0] == "running"
+
+    # shutdown: the ACPI power button really powers the guest off
+    daemon.qvirsh("shutdown", "linux", "--wait", "60")
+    assert daemon.state("linux") == ("shutoff", "shutdown")
+    assert daemon.console("linux").count(BUTTON) == 2
+    assert not pid_alive(first_pid)
+
+    # start again: a new QEMU, a new id
+    daemon.qvirsh("start", "linux")
+    info = daemon.json("dominfo", "linux")
+    assert info["state"] == "running" and info["pid"] != first_pid and info["id"] >= 2
+    pid = info["pid"]
 
     # destroy: gone now, no QEMU left behind
     daemon.qvirsh("destroy", "linux")
     assert daemon.state("linux") == ("shutoff", "destroyed")
     assert not pid_alive(pid)
     assert daemon.qemu_pids() == []
-
 
 def test_start_paused_then_resume(daemon: Daemon, guest: object) -> None:
     daemon.define(guest_definition(guest, "paused"))

@@ -27,7 +27,7 @@ from qemu.qmp import QMPClient
 from qvirtd.client import Client
 from qvirtd.status import DomainStatus
 
-ROUNDS = int(os.environ.get("QVIRTD_HOTPLUG_ROUNDS", "30"))
+ROUNDS = int(os.environ.get("QVIRTD_HOTPLUG_ROUNDS", "22"))
 INFRA = {"serial0", "scsi0", "pvpanic0"}
 
 

@@ -25,7 +25,7 @@ from qvirtd.model import DomainDef
 from qvirtd.qemu.process import qemu_pids_mentioning
 from qvirtd.status import DomainStatus
 
-ROUNDS = int(os.environ.get("QVIRTD_KILL_ROUNDS", "36"))
+ROUNDS = int(os.environ.get("QVIRTD_KILL_ROUNDS", "26"))
 NAMES = ["k0", "k1", "k2", "k3"]
 
 

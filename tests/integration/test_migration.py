@@ -204,7 +204,7 @@ def test_frozen_source_qemu_fails_the_migration_and_keeps_the_guest(
 
 
 def test_kill_loop_either_daemon_at_random_points(daemon_factory: Any) -> None:
-    """24 migrations back and forth (QVIRTD_MIGRATION_ROUNDS sets more); SIGKILL the source,
+    """16 migrations back and forth (QVIRTD_MIGRATION_ROUNDS sets more); SIGKILL the source,
     the destination or both daemons at a random moment of each, restart: the guest ends in
     exactly one QEMU every time."""
     a, b = daemon_factory(), daemon_factory()
@@ -213,7 +213,7 @@ def test_kill_loop_either_daemon_at_random_points(daemon_factory: Any) -> None:
     seed = int(os.environ.get("QVIRTD_TEST_SEED", "0")) or random.randrange(1 << 30)
     rng = random.Random(seed)
     counts: dict[str, int] = {}
-    for i in range(int(os.environ.get("QVIRTD_MIGRATION_ROUNDS", "24"))):
+    for i in range(int(os.environ.get("QVIRTD_MIGRATION_ROUNDS", "16"))):
         src, dst = (a, b) if a.qemu_pids() else (b, a)
         who = rng.choice(["source", "destination", "both"])
         victims = {"source": [src], "destination": [dst], "both": [src, dst]}[who]
