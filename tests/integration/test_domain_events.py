@@ -257,7 +257,7 @@ def test_cli_event_json_and_timeout(daemon: Daemon) -> None:
     assert quiet.stdout == "" and 0.9 <= _time.monotonic() - start < 10
     watcher = subprocess.Popen([sys.executable, "-m", "qvirtd.cli", "--socket",
                                 str(daemon.socket), "event", "--json", "--loop",
-                                "--timeout", "8", "--domain", "one"],
+                                "--timeout", "5", "--domain", "one"],
                                stdout=subprocess.PIPE, text=True)
     try:
         _time.sleep(1.0)

@@ -71,7 +71,7 @@ async def test_frozen_qemu_at_reconnect_hangs_nothing(daemon_factory: Any) -> No
             client = await daemon.client()
             try:
                 # Many retries (every 0.2 s, each waiting up to 1 s): the backlog fills.
-                times = await latencies_while(client, "healthy", 6.0)
+                times = await latencies_while(client, "healthy", 4.0)
                 worst.append(max(times))
                 info = await client.call("dominfo", {"name": "frozen"})
                 assert (info["state"], info["pid"]) == ("running", pid)

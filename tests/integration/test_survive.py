@@ -138,6 +138,9 @@ def test_autostart(daemon: Daemon) -> None:
     info = wait_for(lambda: (i := daemon.json("dominfo", "auto"))["state"] == "running" and i,
                     20, "autostart")
     assert daemon.state("manual")[0] == "shutoff"
+    # Started (the start job is over: "running" shows a moment before the status file says
+    # so, and a start the disk does not know of is rolled back by the next daemon).
+    wait_for(lambda: settled(daemon), 20, "the autostart job to end")
     # Already running when the daemon restarts: adopted, not started a second time.
     restart_after_sigkill(daemon)
     wait_for(lambda: settled(daemon), 20, "reconnects to finish")
