@@ -39,6 +39,7 @@ from ..errors import (
 )
 from ..job import AsyncJob, AsyncJobKind, JobKind
 from ..model import DomainState, LifecycleAction, Reason
+from ..offloop import make_owned
 from ..qemu.accel import cpu_model, resolve_accel
 from ..qemu.agent import GuestAgent
 from ..qemu.argv import LaunchPaths, build_argv, port_plan, root_port_id, total_ports
@@ -125,6 +126,32 @@ def _listener(path: Path) -> socket.socket:
     return sock
 
 
+def _listeners(paths: list[Path], gone: Path) -> list[socket.socket]:
+    """Blocking (a worker thread, L6: unlink and bind write the run directory): a listener
+    on each of `paths`, and `gone` removed (QEMU binds the VNC socket itself)."""
+    made: list[socket.socket] = []
+    try:
+        for path in paths:
+            made.append(_listener(path))
+        with contextlib.suppress(FileNotFoundError):
+            gone.unlink()
+    except BaseException:
+        _close_all(made)
+        raise
+    return made
+
+
+def _close_all(socks: list[socket.socket]) -> None:
+    for sock in socks:
+        sock.close()
+
+
+def _make_run_dir(run_dir: Path) -> None:
+    """Blocking (a worker thread, L6): the run directory, private."""
+    run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(run_dir, 0o700)
+
+
 @dataclass
 class IncomingMigration:
     """The destination's side of a migration, as the start that receives it sees it."""
@@ -186,7 +213,7 @@ class Runtime:
                 raise InvalidOperationError(
                     f"the managed save image {path} is of domain '{header.name}' "
                     f"({header.uuid}), not of this one: remove it (managedsave-remove)")
-            fd = await asyncio.to_thread(savefile.open_stream, path, offset)
+            fd = await make_owned(partial(savefile.open_stream, path, offset), os.close)
             try:
                 await self.launch(dom, job, paused,
                                   Incoming(header, fd=fd, path=path, managed=True))
@@ -287,8 +314,7 @@ class Runtime:
         published = False
         listeners: list[socket.socket] = []
         try:
-            run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-            os.chmod(run_dir, 0o700)
+            await asyncio.to_thread(_make_run_dir, run_dir)
             # The console log is the current (or last) run's, as QEMU's own file would be.
             for old in (run.console_log, run.console_log.with_name(CONSOLE_LOG + ".1")):
                 ctx.writer.remove(old, durable=False)
@@ -312,11 +338,11 @@ class Runtime:
                     definition = run.definition = live
                     ctx.save_status(dom, run)
                 await ctx.status_barrier(run)
-            listeners = [_listener(run.monitor_socket), _listener(run.console_socket)]
+            paths = [run.monitor_socket, run.console_socket]
             if definition.guest_agent:
-                listeners.append(_listener(run.agent_socket))
-            with contextlib.suppress(FileNotFoundError):  # QEMU binds the VNC socket itself
-                LaunchPaths(run_dir).vnc_socket.unlink()
+                paths.append(run.agent_socket)
+            listeners = await make_owned(
+                partial(_listeners, paths, LaunchPaths(run_dir).vnc_socket), _close_all)
             argv = build_argv(definition, accel, settings.qemu_binary, listeners[0].fileno(),
                               LaunchPaths(run_dir), cpu, listeners[1].fileno(), firmware,
                               listeners[2].fileno() if definition.guest_agent else None,

@@ -29,6 +29,7 @@ import asyncio
 import json
 import logging
 import os
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,7 @@ from ..domain import Domain
 from ..errors import InvalidOperationError, QvirtError, StorageError
 from ..job import AsyncJob, AsyncJobKind
 from ..model import DomainState, Reason
+from ..offloop import make_owned
 from ..run import Run
 from ..savefile import SaveHeader
 from ..status import JobRecord
@@ -140,7 +142,7 @@ class Saves:
         # The file first: a path that cannot be written fails before the guest is touched.
         header.files = savefile.encode_files(
             await asyncio.to_thread(run_files, run.run_dir, run.definition))
-        fd = await asyncio.to_thread(savefile.create, target, header)
+        fd = await make_owned(partial(savefile.create, target, header), os.close)
         job.data["created"] = True  # ours to remove if the save does not finish
         try:
             if was_running:
@@ -214,7 +216,7 @@ class Saves:
         dom, created = await domain_for(ctx, header)
         try:
             async with ctx.async_job(dom, AsyncJobKind.START, owner) as job:
-                fd = await asyncio.to_thread(savefile.open_stream, source, offset)
+                fd = await make_owned(partial(savefile.open_stream, source, offset), os.close)
                 try:
                     managed = source == ctx.layout.managed_save(dom.name)
                     await self.runtime.launch(dom, job, paused,
