@@ -40,6 +40,7 @@ from .rpc.server import RpcServer
 from .systemd import listen_fds, sd_notify, watchdog_interval
 from .tls import server_context, split_hostport
 from .verbs import Services
+from .writer import MEMORY_FILESYSTEMS, filesystem_type
 
 log = logging.getLogger(__name__)
 
@@ -170,6 +171,12 @@ class Daemon:
         quieten_library_logging(self.settings.log_level == "debug")
         await asyncio.to_thread(warm_sources)
         self._prepare_dirs()
+        run_fs = await asyncio.to_thread(filesystem_type, self.layout.run_dir)
+        if run_fs in MEMORY_FILESYSTEMS:  # status files and console logs: no disk to wait for
+            self.ctx.writer.write_inline_under(self.layout.run_dir)
+        log.info("run directory %s is on %s: its small non-durable writes are done %s",
+                 self.layout.run_dir, run_fs or "an unknown filesystem",
+                 "by the loop" if run_fs in MEMORY_FILESYSTEMS else "by the writer threads")
         await self._load_definitions()
         sd_notify("STATUS=finding running domains")
         reconnects = await self.reconnector.adopt_all()

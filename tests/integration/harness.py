@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import pty
+import re
 import select
 import shutil
 import signal
@@ -63,8 +64,9 @@ def pid_alive(pid: int) -> bool:
 
 class Daemon:
     def __init__(self, settings: dict[str, Any] | None = None, prefix: str = "qv-",
-                 env: dict[str, str] | None = None, preload: str | None = None) -> None:
-        self.root = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+                 env: dict[str, str] | None = None, preload: str | None = None,
+                 where: str = "/tmp") -> None:
+        self.root = Path(tempfile.mkdtemp(prefix=prefix, dir=where))
         self.env = {**os.environ, **(env or {})}
         self.settings = {**TEST_SETTINGS, **(settings or {})}
         self.socket = self.root / "run" / "qvirtd.sock"
@@ -104,6 +106,19 @@ class Daemon:
         finally:
             s.close()
         return True
+
+    def wait_log(self, pattern: str, timeout_s: float = 10) -> str:
+        """The whole daemon log once `pattern` (a regular expression) is in it: the daemon
+        writes its log from a thread, a moment after the line is logged."""
+        found: list[str] = []
+
+        def seen() -> bool:
+            text = self.log.read_text(errors="replace")
+            found[:] = [text]
+            return re.search(pattern, text) is not None
+
+        wait_for(seen, timeout_s, f"{pattern!r} in the daemon log")
+        return found[0]
 
     def log_text(self) -> str:
         try:

@@ -31,7 +31,7 @@ def test_a_blocking_call_on_the_loop_is_caught() -> None:
         report = stalls[-1]
         assert report["kind"] == "blocked" and report["held_ms"] >= 20, report
         assert any("save_status_and_block" in line for line in report["stack"]), report
-        assert "(rule L6)" in daemon.log_text()  # logged with its stack
+        daemon.wait_log(r"\(rule L6\)")  # logged with its stack
         daemon.qvirsh("destroy", "slowpoke")
     finally:
         daemon.cleanup()

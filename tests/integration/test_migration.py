@@ -325,7 +325,7 @@ def test_migration_over_tls(daemon_factory: Any, guest: Any, tmp_path: Path) -> 
     last = last_tick(a, "tls")
     assert in_one_place(a, b, "tls") == "b"
     assert_continues(b, "tls", last)
-    assert "tls peer qvirtd test client" in b.log_text()  # who asked, from its certificate
+    b.wait_log("tls peer qvirtd test client")  # who asked, from its certificate
     b.qvirsh("migrate", "tls", f"tls://localhost:{ports[0]}")
     assert in_one_place(a, b, "tls") == "a"
 

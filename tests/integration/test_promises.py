@@ -296,8 +296,8 @@ def test_raw_qmp_that_adds_devices_is_refused_unless_forced(daemon: Daemon) -> N
     # Forced: it goes through, and the domain says it is tainted (and the log who did it).
     daemon.qvirsh("qemu-monitor-command", "raw", add, "--force")
     assert daemon.json("dominfo", "raw")["tainted"] == ["custom-monitor"]
-    assert "tainted (custom-monitor): 'device_add' forced by qemu-monitor-command (client " \
-        "pid" in daemon.log_text()
+    daemon.wait_log(r"tainted \(custom-monitor\): 'device_add' forced by qemu-monitor-command "
+                    r"\(client pid")
     status = json.loads(status_file(daemon, "raw").read_text())
     assert status["tainted"] == ["custom-monitor"]
     daemon.qvirsh("destroy", "raw")

@@ -311,7 +311,7 @@ def test_save_cut_short_by_a_frozen_qemu_is_undone_once_it_thaws(daemon_factory:
     assert not image.exists()
     assert daemon.qemu_pids() == [pid]
     assert json.loads(status_file.read_text())["async_job"] is None
-    assert "undoing the save" in daemon.log.read_text()
+    daemon.wait_log("undoing the save")
     daemon.qvirsh("destroy", "fz")
 
 

@@ -12,7 +12,13 @@ from pathlib import Path
 import pytest
 
 from qvirtd.errors import StorageError
-from qvirtd.writer import FileWriter, append_capped
+from qvirtd.writer import (
+    INLINE_MAX_BYTES,
+    MEMORY_FILESYSTEMS,
+    FileWriter,
+    append_capped,
+    filesystem_type,
+)
 
 
 @pytest.fixture
@@ -203,3 +209,62 @@ async def test_drain_waits_for_everything(writer: FileWriter, tmp_path: Path) ->
     assert all(f.done() for f in futures)
     assert len(list(tmp_path.iterdir())) == 20
     writer.close()
+
+
+async def test_on_a_memory_filesystem_the_loop_writes_small_non_durable_files(
+        writer: FileWriter, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under a directory declared memory-backed: the end of the step writes it on the loop
+    thread; durable and large operations still go to the threads, in order per path."""
+    writer.write_inline_under(tmp_path)
+    where: list[tuple[str, int, bool]] = []  # file, size, written by the loop's thread
+    real = os.replace
+    loop_thread = threading.current_thread()
+
+    def noting_replace(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
+        where.append((Path(dst).name, Path(src).stat().st_size,
+                      threading.current_thread() is loop_thread))
+        real(src, dst)
+
+    monkeypatch.setattr(os, "replace", noting_replace)
+    status = tmp_path / "run" / "status.json"
+    status.parent.mkdir()
+    futures = [writer.write(status, f"v{i}".encode(), durable=False) for i in range(3)]
+    assert not status.exists()  # not before the step ends
+    await asyncio.sleep(0)
+    assert status.read_bytes() == b"v2" and all(f.done() for f in futures)
+    assert where == [("status.json", 2, True)]
+    durable = writer.write(tmp_path / "def.json", b"d", durable=True)
+    big = writer.write(status, b"x" * (INLINE_MAX_BYTES + 1), durable=False)
+    await asyncio.gather(durable, big)
+    assert sorted(where[1:]) == [("def.json", 1, False),
+                                 ("status.json", INLINE_MAX_BYTES + 1, False)]
+    await writer.write(status, b"small again", durable=False)
+    assert status.read_bytes() == b"small again"
+    assert where[3] == ("status.json", 11, True)
+    assert writer.stats()["inline"] == 2 and writer.stats()["writes"] == 4
+    # Outside the declared directory: the threads, as before.
+    await writer.write(Path(str(tmp_path) + "-other.json"), b"o", durable=False)
+    assert where[-1] == ("-".join([tmp_path.name, "other.json"]), 1, False)
+    Path(str(tmp_path) + "-other.json").unlink()
+
+
+async def test_an_error_on_the_loop_is_reported_and_retried_like_a_threads(
+        writer: FileWriter, tmp_path: Path) -> None:
+    writer.write_inline_under(tmp_path)
+    target = tmp_path / "gone" / "status.json"  # its directory does not exist yet
+    with pytest.raises(StorageError, match=r"cannot write .*status\.json"):
+        await writer.write(target, b"s", durable=False, retry_s=0.05)
+    assert writer.stats()["failing"]
+    target.parent.mkdir()
+    for _ in range(100):  # the retry finds the directory
+        if target.exists():
+            break
+        await asyncio.sleep(0.01)
+    assert target.read_bytes() == b"s" and not writer.stats()["failing"]
+
+
+def test_filesystem_type_reads_the_mount_table(tmp_path: Path) -> None:
+    assert filesystem_type(Path("/proc/self")) == "proc"
+    if Path("/dev/shm").is_dir():
+        assert filesystem_type(Path("/dev/shm")) in MEMORY_FILESYSTEMS
+    assert filesystem_type(tmp_path / "missing") is None
