@@ -29,6 +29,9 @@ What this wrapper adds to the library, and why:
   (`str(msg)`: an indented JSON dump) even with DEBUG off: about a third of the CPU of a
   `suspend` (issue 12). `_Client` overrides its two message hooks to build it only when the
   line is logged.
+* A command is written by the task that runs it, and its reply comes back through a future
+  (`_Client._issue`, `_OneReply`): the library queued each command for its writer task and
+  made a one-slot queue per reply, a task switch and two queues per command (issue 12).
 * `listen(names)` lets an operation wait for QMP events (DEVICE_DELETED for a detach, later
   the migration events) without a hand-made map of futures: open it before sending the
   command, read what arrives, close it (a `with` block). Events still reach the pump.
@@ -156,8 +159,43 @@ class _ForwardingListener(EventListener):
                 listener._push(name, payload)
 
 
+class _OneReply:
+    """A command's reply slot: one future, where the library makes a one-slot asyncio.Queue
+    per command. It has what the library calls on the slot: put, put_nowait, get."""
+
+    __slots__ = ("_reply",)
+
+    def __init__(self) -> None:
+        self._reply: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+
+    async def put(self, msg: Any) -> None:
+        self.put_nowait(msg)
+
+    def put_nowait(self, msg: Any) -> None:
+        if not self._reply.done():
+            self._reply.set_result(msg)
+
+    async def get(self) -> Any:
+        return await self._reply
+
+
 class _Client(QMPClient):
-    """QMPClient whose message hooks format a message only when its debug line is logged."""
+    """QMPClient with a shorter path per command (issue 12): the message is written by the
+    command's own task, not queued for the library's writer task (one task switch less per
+    command), and its reply comes back through a future (`_OneReply`). Everything else, the
+    reader task, the routing of replies and events, disconnects, is the library's. Its
+    message hooks format a message only when its debug line is logged."""
+
+    async def _issue(self, msg: Message) -> str | None:
+        msg_id = msg.get("id")
+        assert msg_id is None or isinstance(msg_id, str)
+        self._pending[msg_id] = _OneReply()  # type: ignore[assignment]
+        try:
+            await self._send(msg)  # writes to the transport; never waits
+        except BaseException:
+            del self._pending[msg_id]
+            raise
+        return msg_id
 
     def _cb_outbound(self, msg: Message) -> Message:
         if self.logger.isEnabledFor(logging.DEBUG):
