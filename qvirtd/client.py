@@ -128,7 +128,9 @@ class Client:
         except (ConnectionError, RuntimeError):
             pass  # the connection is gone: the reader fails `fut`, with the daemon's reason
         try:
-            reply = await asyncio.wait_for(fut, timeout_s) if timeout_s else await fut
+            # asyncio.timeout, not wait_for: no extra callback hop between the reply and us
+            async with asyncio.timeout(timeout_s or None):
+                reply = await fut
         finally:
             self._pending.pop(req_id, None)
         if "error" in reply:
@@ -137,8 +139,10 @@ class Client:
 
     async def next_event(self, timeout_s: float | None = None) -> dict[str, Any] | None:
         """The next notification; None when the connection closed."""
-        msg = await (asyncio.wait_for(self.notifications.get(), timeout_s) if timeout_s
-                     else self.notifications.get())
+        # asyncio.timeout: wait_for would run the get() in a task of its own, two more
+        # turns of the loop between the event's arrival and its reader.
+        async with asyncio.timeout(timeout_s or None):
+            msg = await self.notifications.get()
         if msg.get("method") == "__closed__":
             return None
         return msg

@@ -76,12 +76,32 @@ class TrackedLock(asyncio.Lock):
 
     async def acquire(self) -> Literal[True]:
         await super().acquire()
+        self._took()
+        return True
+
+    def acquire_now(self) -> bool:
+        """Take the lock without awaiting if nobody holds it or waits for it, for a
+        synchronous section that releases it before any await; False otherwise (take it
+        the ordinary way). Taken, it is as if `acquire()` had returned at once: the lock is
+        free and nobody queues for it, so asyncio.Lock's acquire returns without suspending
+        (driven here by hand; a suspension cannot happen and is undone if it does)."""
+        if self.locked():
+            return False
+        taking = super().acquire()
+        try:
+            taking.send(None)
+        except StopIteration:
+            self._took()
+            return True
+        taking.close()  # it would have waited (a waiter was woken, not yet run): give way
+        return False
+
+    def _took(self) -> None:
         task = asyncio.current_task()
         if task is not None:
             self._owner = task
             _held.setdefault(task, []).append(self)
         self._since = time.perf_counter()
-        return True
 
     def release(self) -> None:
         if self.stats is not None:

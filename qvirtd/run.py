@@ -118,6 +118,7 @@ class Run:
         self.spawned = asyncio.Event()
         self.ended = asyncio.Event()
         self.qmp_queue: QmpQueue = asyncio.Queue()
+        self.pump_busy = False  # the pump is applying an event (later ones queue behind it)
         self.follow_up_wake = asyncio.Event()
         self.status_written: asyncio.Future[None] | None = None  # the latest status write
         self._tasks: set[asyncio.Task[Any]] = set()

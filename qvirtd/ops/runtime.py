@@ -59,7 +59,6 @@ from ..run import (
     NBD_SOCKET,
     FollowUp,
     FollowUpKind,
-    QmpQueue,
     Run,
 )
 from ..savefile import SaveHeader
@@ -653,7 +652,7 @@ class Runtime:
 
     def new_monitor(self, dom: Domain, run: Run) -> Monitor:
         """Under the domain lock: a fresh monitor for the run, feeding its event pump."""
-        run.monitor = Monitor(dom.name, partial(self._queue_qmp_event, run.qmp_queue),
+        run.monitor = Monitor(dom.name, partial(self._qmp_event_arrived, dom, run),
                               partial(self._monitor_lost, dom, run),
                               self.ctx.settings.monitor_timeout_s)
         return run.monitor
@@ -750,35 +749,52 @@ class Runtime:
 
     # --- QMP events ----------------------------------------------------------------------
 
-    @staticmethod
-    def _queue_qmp_event(queue: QmpQueue, name: str, data: dict[str, Any],
-                         qemu_time: float | None) -> None:
-        queue.put_nowait((name, data, qemu_time))
+    def _qmp_event_arrived(self, dom: Domain, run: Run, name: str, data: dict[str, Any],
+                           qemu_time: float | None) -> None:
+        """The monitor's reader calls this for each QMP event, in order. With nothing ahead
+        of it (the pump idle, its queue empty) and the domain lock free, the event is
+        applied right here, exactly as the pump would, one turn of the loop sooner (issue
+        12: an event reaches its subscribers in the step that read it). Otherwise the pump
+        applies it, after those ahead of it."""
+        if not run.pump_busy and run.qmp_queue.empty() and dom.lock.acquire_now():  # L3
+            try:
+                self._apply_qmp_event(dom, run, name, data, qemu_time)
+            finally:
+                dom.lock.release()
+            self.ctx.bus.deliver_now()  # no lock held here (E1)
+            return
+        run.qmp_queue.put_nowait((name, data, qemu_time))
 
     async def _pump(self, dom: Domain, run: Run) -> None:
-        """Apply this run's QMP events in order, one at a time."""
+        """Apply this run's QMP events in order, one at a time (those the reader did not
+        apply itself)."""
         while True:
             name, data, qemu_time = await run.qmp_queue.get()
             if name == _BARRIER:
                 data["future"].set_result(None)
                 continue
+            run.pump_busy = True
             try:
-                await self._on_qmp_event(dom, run, name, data, qemu_time)
-            except Exception:
-                log.exception("domain %s: handling QMP event %s failed", dom.name, name)
+                async with dom.lock:  # L3: state and events only; QEMU work: a follow-up
+                    self._apply_qmp_event(dom, run, name, data, qemu_time)
+            finally:
+                run.pump_busy = False
             self.ctx.bus.deliver_now()  # no lock held here (E1)
 
-    async def _on_qmp_event(self, dom: Domain, run: Run, name: str,
-                            data: dict[str, Any], qemu_time: float | None) -> None:
-        ctx = self.ctx
-        async with dom.lock:  # L3: state and events only; QEMU work goes to a follow-up
-            if dom.run is not run:
-                return
-            log.debug("domain %s: QMP event %s %s", dom.name, name, data)
-            with ctx.events_from_qemu(qemu_time):
-                follow_up = qmp_events.apply(ctx, dom, run, name, data)
+    def _apply_qmp_event(self, dom: Domain, run: Run, name: str, data: dict[str, Any],
+                         qemu_time: float | None) -> None:
+        """Under the domain lock: one QMP event's state, events and follow-up."""
+        dom.assert_locked()
+        if dom.run is not run:
+            return
+        log.debug("domain %s: QMP event %s %s", dom.name, name, data)
+        try:
+            with self.ctx.events_from_qemu(qemu_time):
+                follow_up = qmp_events.apply(self.ctx, dom, run, name, data)
             if follow_up is not None:
                 self.follow_up(dom, run, follow_up)
+        except Exception:
+            log.exception("domain %s: handling QMP event %s failed", dom.name, name)
 
     def follow_up(self, dom: Domain, run: Run, follow_up: FollowUp) -> None:
         """Under the domain lock: record `follow_up` (status file) for the runner to do."""

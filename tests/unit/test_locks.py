@@ -168,3 +168,26 @@ def test_hold_stats_summary_and_window() -> None:
     assert len(stats.samples) == 3  # the window is bounded
     assert summary["p50_ms"] == pytest.approx(3.0)
     assert summary["p99_ms"] == pytest.approx(4.0)
+
+
+async def test_acquire_now_takes_a_free_lock_and_never_jumps_the_queue() -> None:
+    lock = TrackedLock("dom")
+    assert lock.acquire_now()  # free: taken without an await, held by this task
+    assert lock.locked() and locks_held() == [lock]
+    assert not lock.acquire_now()  # held (by us): no
+    order: list[str] = []
+
+    async def waiter() -> None:
+        async with lock:
+            order.append("waiter")
+
+    task = asyncio.create_task(waiter())
+    await asyncio.sleep(0)  # the waiter queues for the lock
+    lock.release()
+    # Free again, but the woken waiter has not run yet: it goes first.
+    assert not lock.locked() and not lock.acquire_now()
+    await task
+    assert order == ["waiter"] and locks_held() == []
+    assert lock.acquire_now()
+    lock.release()
+    assert not lock.locked()
