@@ -39,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_queries import asyncio_worker, rate, request
 from common import Qvirtd, emit, header, kill_qemus_mentioning, percentile, run_main
 from qemu.qmp import QMPClient
+from settle import wait_quiet
 
 from qvirtd.client import Client, RpcError
 from qvirtd.model import Accel, DomainDef
@@ -196,9 +197,9 @@ async def arrived(watcher: Client) -> float:
 async def qvirtd_events(rounds: int, producers: int, subscribers: int,
                         accel: str = "auto") -> dict[str, Any]:
     """As libvirt_client.events: suspend/resume -> lifecycle event at a socket subscriber.
-    `accel` tcg: guests that idle. A no-OS KVM guest (SeaBIOS without a boot device) keeps
-    its vCPU thread 50-60 % busy under nested KVM, so four of them saturate 2 cores and the
-    latency figure then measures the scheduler more than the daemon (performance.md)."""
+    Measured once the guests are quiet (settle.py: a no-OS guest's SeaBIOS scans for a boot
+    device at up to 100 % of a CPU for its first seconds; libvirt_client waits the same way).
+    `accel` tcg: guests that idle from the start."""
     daemon = Qvirtd()
     try:
         drivers = await connect_many(daemon, producers)
@@ -206,6 +207,7 @@ async def qvirtd_events(rounds: int, producers: int, subscribers: int,
         for d, name in zip(drivers, names, strict=True):
             await d.call("define", {"definition": {"name": name, **TINY, "accel": accel}})
             await d.call("start", {"name": name})
+        await asyncio.to_thread(wait_quiet, names)  # past the firmware's boot scan
         watcher = await Client.connect(daemon.socket)
         await watcher.call("event", {"domain": names[0]})
         latencies = []

@@ -18,6 +18,7 @@ import threading
 import time
 
 import libvirt  # type: ignore[import-not-found]
+from settle import wait_quiet
 
 XML = """<domain type='{kind}'><name>{name}</name><memory unit='MiB'>64</memory><vcpu>1</vcpu>
 <os><type arch='x86_64' machine='q35'>hvm</type></os><features><acpi/></features>
@@ -161,6 +162,7 @@ def events(uri: str, rounds: int, producers: int, subscribers: int,
     define(conn, names, kind)
     for name in names:
         conn.lookupByName(name).create()
+    wait_quiet(names)  # past the firmware's boot scan, as bench_compare does for qvirtd
     got = threading.Event()
     seen: list[float] = []
     counts = [0] * subscribers
