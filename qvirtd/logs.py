@@ -15,6 +15,8 @@ for every change to a domain:
 * the record's message is merged once, on the loop (the arguments as they are now);
 * the queue is the C `SimpleQueue` (one lock operation to hand a record over; the
   `QueueHandler`/`QueueListener` pair went through a Python `Condition`);
+* the thread formats a burst eight lines at a time, giving the GIL back in between (a
+  burst formatted in one go would hold the loop up for its whole length);
 * the thread wakes for the first line and then lingers `LINGER_S` before it writes, so a
   busy daemon wakes it a few times a second, not once per line, and what has queued up is
   written with one `os.write` on stderr's fd (the handler's text stream made a lock, a
@@ -104,7 +106,7 @@ class LineWriter(threading.Thread):
                 except queue.Empty:
                     break
             lines = []
-            for item in batch:
+            for i, item in enumerate(batch):
                 if item is _STOP:
                     stop = True
                 elif isinstance(item, logging.LogRecord):
@@ -112,6 +114,9 @@ class LineWriter(threading.Thread):
                         lines.append(self.formatter.format(item) + "\n")
                     except Exception:  # a record that cannot be formatted loses itself only
                         self.failed += 1
+                if i % 8 == 7:
+                    time.sleep(0)  # let the loop have the GIL between a few lines
+
             if lines:
                 self._write("".join(lines).encode("utf-8", "replace"), len(lines))
 
