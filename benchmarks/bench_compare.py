@@ -195,7 +195,7 @@ async def arrived(watcher: Client) -> float:
 
 
 async def qvirtd_events(rounds: int, producers: int, subscribers: int,
-                        accel: str = "auto") -> dict[str, Any]:
+                        accel: str = "auto", settle_s: float = 30.0) -> dict[str, Any]:
     """As libvirt_client.events: suspend/resume -> lifecycle event at a socket subscriber.
     Measured once the guests are quiet (settle.py: a no-OS guest's SeaBIOS scans for a boot
     device at up to 100 % of a CPU for its first seconds; libvirt_client waits the same way).
@@ -207,7 +207,8 @@ async def qvirtd_events(rounds: int, producers: int, subscribers: int,
         for d, name in zip(drivers, names, strict=True):
             await d.call("define", {"definition": {"name": name, **TINY, "accel": accel}})
             await d.call("start", {"name": name})
-        await asyncio.to_thread(wait_quiet, names)  # past the firmware's boot scan
+        # Past the firmware's boot scan (--quick: at most a second; it only checks it runs).
+        await asyncio.to_thread(wait_quiet, names, timeout_s=settle_s)
         watcher = await Client.connect(daemon.socket)
         await watcher.call("event", {"domain": names[0]})
         latencies = []
@@ -316,8 +317,10 @@ async def main_async(quick: bool, with_libvirt: bool = False) -> None:
     result["frozen"] = await frozen(quick)
     result["memory"] = await memory(50 if quick else 1000, 3 if quick else 50)
     ev_rounds = 10 if quick else 200
-    result["events"] = await qvirtd_events(ev_rounds, 4, 10)
-    result["events_idle"] = await qvirtd_events(ev_rounds, 4, 10, accel="tcg")
+    settle_s = 1.0 if quick else 30.0
+    result["events"] = await qvirtd_events(ev_rounds, 4, 10, settle_s=settle_s)
+    result["events_idle"] = await qvirtd_events(ev_rounds, 4, 10, accel="tcg",
+                                                settle_s=settle_s)
     kill_qemus_mentioning("/tmp/qvfloor-")
     lv = result["libvirt"] = await asyncio.to_thread(libvirt_figures, sizes, quick) \
         if with_libvirt else None

@@ -33,12 +33,15 @@ def main(argv: list[str] | None = None) -> int:
     except StartRefused as exc:
         print(f"qvirtd: {exc}", file=sys.stderr)
         return 1
+    refused: ConfigError | None = None
     with root_lock, logging_off_the_loop(getattr(logging, settings.log_level.upper())):
         try:
             return int(uvloop.run(Daemon(settings, layout).run()))
         except ConfigError as exc:  # the socket could not be made (bind_socket)
-            print(f"qvirtd: {exc}", file=sys.stderr)
-            return 2
+            refused = exc
+    # After the log thread has written every line: the reason is the last thing said.
+    print(f"qvirtd: {refused}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":
