@@ -87,7 +87,8 @@ class _PathState:
 
 def atomic_write_bytes(path: Path, data: bytes, mode: int = 0o600, durable: bool = True) -> None:
     """Blocking: replace `path` with `data` atomically (temp file, fsync, rename, fsync dir).
-    Call it from a worker thread (FileWriter) or before the loop runs, never from the loop."""
+    Call it from a worker thread (FileWriter) or before the loop runs, never from the loop
+    (but for FileWriter's own bounded writes to a memory filesystem, module docstring)."""
     # Plain fd calls (no file object: its fstat, ioctl and lseek are three more system
     # calls, each a GIL hand-off in a worker thread).
     where, name = os.path.split(path)
