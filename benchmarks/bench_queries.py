@@ -35,20 +35,12 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import Qvirtd, emit, header, run_main
+from procfs import cpu_s
 
 from qvirtd.client import Client
 
 HERE = Path(__file__).resolve().parent
 TINY = {"memory_mib": 64, "vcpus": 1}
-TICK = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_s(pid: int) -> float:
-    """utime + stime of `pid`, in seconds."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICK
-
-
 def request(method: str, params: dict[str, Any]) -> bytes:
     return json.dumps({"jsonrpc": "2.0", "id": 1, "method": method,
                        "params": params}).encode() + b"\n"

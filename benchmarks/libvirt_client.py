@@ -18,6 +18,7 @@ import threading
 import time
 
 import libvirt  # type: ignore[import-not-found]
+from procfs import cpu_s
 from settle import wait_quiet
 
 XML = """<domain type='{kind}'><name>{name}</name><memory unit='MiB'>64</memory><vcpu>1</vcpu>
@@ -226,12 +227,6 @@ def populate(uri: str, defined: int, running: int) -> dict[str, int]:
     for th in threads:
         th.join()
     return {"defined": defined, "running": running}
-
-
-def cpu_s(pid: int) -> float:
-    """utime + stime of `pid` (libvirtd), in seconds."""
-    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def cpu(uri: str, pid: int, n: int) -> dict[str, float]:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import time
 
-_HZ = os.sysconf("SC_CLK_TCK")
+from procfs import cpu_s
 
 
 def _qemu_pids(names: list[str]) -> list[int]:
@@ -33,13 +33,11 @@ def _qemu_pids(names: list[str]) -> list[int]:
     return found
 
 
-def _cpu_s(pid: int) -> float:
+def _cpu_or_none(pid: int) -> float:
     try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-    except OSError:
+        return cpu_s(pid)
+    except OSError:  # gone meanwhile: it uses no CPU
         return 0.0
-    return (int(fields[11]) + int(fields[12])) / _HZ
 
 
 def wait_quiet(names: list[str], busy: float = 0.10, window_s: float = 0.5,
@@ -49,8 +47,8 @@ def wait_quiet(names: list[str], busy: float = 0.10, window_s: float = 0.5,
     start = time.monotonic()
     while time.monotonic() - start < timeout_s:
         pids = _qemu_pids(names)
-        before = {pid: _cpu_s(pid) for pid in pids}
+        before = {pid: _cpu_or_none(pid) for pid in pids}
         time.sleep(window_s)
-        if all((_cpu_s(pid) - cpu) / window_s < busy for pid, cpu in before.items()):
+        if all((_cpu_or_none(pid) - cpu) / window_s < busy for pid, cpu in before.items()):
             break
     return time.monotonic() - start
