@@ -172,11 +172,12 @@ class Daemon:
         await asyncio.to_thread(warm_sources)
         self._prepare_dirs()
         run_fs = await asyncio.to_thread(filesystem_type, self.layout.run_dir)
-        if run_fs in MEMORY_FILESYSTEMS:  # status files and console logs: no disk to wait for
+        in_memory = run_fs in MEMORY_FILESYSTEMS  # status files, console logs: no disk
+        if in_memory:
             self.ctx.writer.write_inline_under(self.layout.run_dir)
         log.info("run directory %s is on %s: its small non-durable writes are done %s",
                  self.layout.run_dir, run_fs or "an unknown filesystem",
-                 "by the loop" if run_fs in MEMORY_FILESYSTEMS else "by the writer threads")
+                 "by the loop" if in_memory else "by the writer threads")
         await self._load_definitions()
         sd_notify("STATUS=finding running domains")
         reconnects = await self.reconnector.adopt_all()

@@ -40,6 +40,8 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from .writer import write_all
+
 MAX_QUEUED = 10000
 LINGER_S = 0.05  # a line reaches stderr at most this much later
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -121,10 +123,8 @@ class LineWriter(threading.Thread):
                 self._write("".join(lines).encode("utf-8", "replace"), len(lines))
 
     def _write(self, data: bytes, count: int) -> None:
-        view = memoryview(data)
         try:
-            while view:
-                view = view[os.write(self.fd, view):]
+            write_all(self.fd, data)
         except OSError:
             self.failed += count
 

@@ -96,9 +96,7 @@ def atomic_write_bytes(path: Path, data: bytes, mode: int = 0o600, durable: bool
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
     try:
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
+            write_all(fd, data)
             if durable:
                 os.fsync(fd)
         finally:
@@ -162,11 +160,16 @@ def append_capped(path: Path, data: bytes, max_bytes: int) -> None:
             return
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
     try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
+        write_all(fd, data)
     finally:
         os.close(fd)
+
+
+def write_all(fd: int, data: bytes) -> None:
+    """Blocking: write all of `data` to `fd` (os.write may take only part of it)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
 
 
 def filesystem_type(path: Path) -> str | None:
@@ -257,7 +260,7 @@ class FileWriter:
             if len(self._inline_dirs) > 4096:
                 self._inline_dirs.clear()
             hit = self._inline_dirs[parent] = any(
-                parent == d or parent.is_relative_to(d) for d in self._memory_dirs)
+                parent.is_relative_to(d) for d in self._memory_dirs)
         return hit
 
     def _submit(self, path: Path, op: _Op) -> asyncio.Future[None]:

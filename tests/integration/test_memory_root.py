@@ -12,11 +12,12 @@ from typing import Any
 
 import pytest
 from harness import Daemon, tiny_definition, wait_for
+from test_promises import status_file
 from test_promises_storage import fill, tmpfs
 
 
 def status(daemon: Daemon, name: str) -> dict[str, Any]:
-    return json.loads((daemon.root / "run" / "domains" / name / "status.json").read_text())
+    return json.loads(status_file(daemon, name).read_text())
 
 
 def test_status_written_by_the_loop_on_tmpfs_is_current_and_survives(
